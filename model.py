@@ -1,0 +1,277 @@
+"""The variational autoencoder: q(z|x), p(x|z), the ELBO and the importance-weighted bound.
+
+Notation follows Kingma & Welling (2014), "Auto-Encoding Variational Bayes" (AEVB):
+x is an image in [0, 1]^784, z in R^d a latent code with prior p(z) = N(0, I),
+q(z|x) = N(mu, diag(exp(logvar))) the encoder, p(x|z) the decoder, given by per-pixel logits.
+Every log-density is summed over pixels / latent dims and returned per example, in nats.
+
+This module imports only torch and the standard library; it does no I/O.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_SHAPE = (1, 28, 28)
+N_PIXELS = 28 * 28
+LOG_2PI = math.log(2 * math.pi)
+
+ARCHS = ("mlp", "conv")
+ACTIVATIONS = ("relu", "tanh")
+LIKELIHOODS = ("bernoulli", "cb")
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 2
+    arch: str = "mlp"  # "mlp" | "conv"
+    hidden_dims: tuple[int, ...] = (512, 256)  # MLP widths; for "conv", the dense layers after the convolutions
+    activation: str = "relu"  # "relu" | "tanh"
+    likelihood: str = "cb"  # "bernoulli" | "cb" (continuous Bernoulli)
+
+    def __post_init__(self):
+        # Checkpoints store the config as a plain dict, where tuples become lists.
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim}")
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"hidden_dims must be one or more positive integers, got {self.hidden_dims}")
+        for name, value, allowed in (
+            ("arch", self.arch, ARCHS),
+            ("activation", self.activation, ACTIVATIONS),
+            ("likelihood", self.likelihood, LIKELIHOODS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Densities. All take logits and return one value per example (summed over the other dims).
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_std_normal(mu, logvar):
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)), AEVB Appendix B: -1/2 sum(1 + logvar - mu^2 - exp(logvar))."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # (...,)
+
+
+def bernoulli_log_prob(logits, x):
+    """log Bernoulli(x | sigmoid(logits)) summed over pixels; x may be any value in [0, 1]."""
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(-3).sum(-1)
+
+
+# Taylor series of log C at logit 0: log 2 + l^2/12 - 7 l^4/1440 + 31 l^6/90720 - 127 l^8/4838400 + O(l^10).
+_CB_LOG_NORM_SERIES = (math.log(2.0), 1 / 12, -7 / 1440, 31 / 90720, -127 / 4838400)
+_CB_LOG_NORM_SERIES_BELOW = 0.1  # truncation error there: 73/34214400 * 0.1^10 ~ 2e-16, below float64 rounding
+
+
+def cb_log_norm(logits):
+    """log C(lambda), the log-normalizer of the continuous Bernoulli, lambda = sigmoid(logits).
+
+    Loaiza-Ganem & Cunningham (2019), eq. (2): C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda).
+    With 1 - 2 lambda = -tanh(l / 2) this is C = l / tanh(l / 2), which for a = |l| reads
+        log C = log(a) + log(1 + e^-a) - log(1 - e^-a)
+              = softplus(-a) - log(-expm1(-a) / a),
+    exact in floating point for every a > 0 (no cancellation, no clamping: log C -> log|l| as |l| -> inf,
+    where torch.distributions.ContinuousBernoulli saturates). Near 0 the ratio is 0/0, so a Taylor series
+    is used there, which also gives the exact gradient (0) at l = 0.
+    """
+    a = logits.abs()
+    small = a < _CB_LOG_NORM_SERIES_BELOW
+    a_safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch (and its gradient) finite
+    exact = F.softplus(-a_safe) - torch.log(-torch.expm1(-a_safe) / a_safe)
+    a2 = a * a
+    series = torch.zeros_like(a)
+    for coefficient in reversed(_CB_LOG_NORM_SERIES):  # Horner's rule in l^2
+        series = series * a2 + coefficient
+    return torch.where(small, series, exact)
+
+
+def cb_log_prob(logits, x):
+    """log CB(x | lambda) = x log lambda + (1 - x) log(1 - lambda) + log C(lambda), summed over pixels."""
+    return bernoulli_log_prob(logits, x) + cb_log_norm(logits).flatten(-3).sum(-1)
+
+
+# The continuous-Bernoulli mean is 1 / (1 - e^-l) - 1 / l (CB paper, eq. (4), in logits); near l = 0 both
+# terms blow up and cancel, so there it is 1/2 + sum_n B_2n l^(2n-1) / (2n)! (B_2n the Bernoulli numbers).
+# With terms up to l^21 the truncation error below |l| = 1 is under 2e-19.
+_CB_MEAN_SERIES = (
+    1 / 12, -1 / 720, 1 / 30240, -1 / 1209600, 1 / 47900160, -691 / 1307674368000, 1 / 74724249600,
+    -3617 / 10670622842880000, 43867 / 5109094217170944000, -174611 / 802857662698291200000,
+    77683 / 14101100039391805440000,
+)  # fmt: skip
+_CB_MEAN_SERIES_BELOW = 1.0
+
+
+def cb_mean(logits):
+    """E[x] under CB(lambda = sigmoid(logits)): what a continuous-Bernoulli decoder predicts for a pixel."""
+    small = logits.abs() < _CB_MEAN_SERIES_BELOW
+    l_safe = torch.where(small, torch.ones_like(logits), logits)
+    exact = -1.0 / torch.expm1(-l_safe) - 1.0 / l_safe
+    l2 = logits * logits
+    series = torch.zeros_like(logits)
+    for coefficient in reversed(_CB_MEAN_SERIES):
+        series = series * l2 + coefficient
+    return torch.where(small, 0.5 + logits * series, exact)
+
+
+def log_likelihood(logits, x, likelihood):
+    """log p(x|z) for the decoder's logits, per example: (..., 1, 28, 28) -> (...)."""
+    if likelihood == "bernoulli":
+        return bernoulli_log_prob(logits, x)
+    if likelihood == "cb":
+        return cb_log_prob(logits, x)
+    raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
+
+
+def std_normal_log_prob(z):
+    """log N(z | 0, I), summed over the last dim."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp(sizes, activation):
+    """Linear layers of the given sizes, with the activation after each one (the caller adds the head)."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), activation()]
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[config.activation]
+        hidden, d = config.hidden_dims, config.latent_dim
+        if config.arch == "mlp":
+            self.encoder = nn.Sequential(nn.Flatten(), _mlp((N_PIXELS, *hidden), act))
+            self.decoder = nn.Sequential(
+                _mlp((d, *reversed(hidden)), act),
+                nn.Linear(hidden[0], N_PIXELS),
+                nn.Unflatten(1, IMAGE_SHAPE),
+            )
+        else:
+            # Two stride-2 convolutions, 28 -> 14 -> 7, mirrored by transposed convolutions in the decoder.
+            features = 64 * 7 * 7
+            self.encoder = nn.Sequential(
+                nn.Conv2d(1, 32, 4, stride=2, padding=1), act(),  # (B, 32, 14, 14)
+                nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),  # (B, 64, 7, 7)
+                nn.Flatten(),
+                _mlp((features, *hidden), act),
+            )  # fmt: skip
+            self.decoder = nn.Sequential(
+                _mlp((d, *reversed(hidden), features), act),
+                nn.Unflatten(1, (64, 7, 7)),
+                nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), act(),  # (B, 32, 14, 14)
+                nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28) logits
+            )  # fmt: skip
+        self.to_mu = nn.Linear(hidden[-1], d)
+        self.to_logvar = nn.Linear(hidden[-1], d)
+
+    @property
+    def output_layer(self):
+        return self.decoder[-2] if self.config.arch == "mlp" else self.decoder[-1]
+
+    @torch.no_grad()
+    def init_output_bias(self, pixel_mean):
+        """Start p(x|z) at the data's marginal: output bias = logit of the mean training image.
+
+        As in Burda et al.'s IWAE code (means clipped to [0.001, 0.999]); it saves the first epochs the work
+        of learning the background. pixel_mean: (1, 28, 28). The conv decoder has one bias, set from the mean.
+        """
+        p = pixel_mean.clamp(0.001, 0.999)
+        if self.config.arch == "conv":
+            p = p.mean()
+        self.output_layer.bias.copy_(torch.logit(p).reshape(self.output_layer.bias.shape))
+
+    def encode(self, x):
+        """q(z|x): (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h)
+
+    @staticmethod
+    def reparameterize(mu, logvar, generator=None):
+        """z = mu + sigma * eps, eps ~ N(0, I) (AEVB eq. (10)): a sample of q(z|x) differentiable in mu, logvar."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def decode(self, z):
+        """p(x|z): (..., latent_dim) -> logits (..., 1, 28, 28)."""
+        batch_shape = z.shape[:-1]
+        logits = self.decoder(z.reshape(-1, z.shape[-1]))
+        return logits.reshape(*batch_shape, *IMAGE_SHAPE)
+
+    def mean(self, logits):
+        """E[x|z], the image the decoder predicts (not lambda, for the continuous Bernoulli)."""
+        return torch.sigmoid(logits) if self.config.likelihood == "bernoulli" else cb_mean(logits)
+
+    def forward(self, x, generator=None):
+        """One pass with a single reparameterized sample: logits (B, 1, 28, 28), mu, logvar (B, latent_dim)."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        return self.decode(z), mu, logvar
+
+    def elbo_terms(self, x, generator=None):
+        """The two terms of the negative ELBO per example, in nats (AEVB eq. (10)):
+
+        recon = -log p(x|z) with one z ~ q(z|x), an unbiased estimate of -E_q[log p(x|z)];
+        kl    = KL(q(z|x) || p(z)), in closed form.
+        Their sum is -ELBO >= -log p(x).
+        """
+        logits, mu, logvar = self(x, generator)
+        recon = -log_likelihood(logits, x, self.config.likelihood)  # (B,)
+        kl = kl_std_normal(mu, logvar)  # (B,)
+        return recon, kl
+
+    def loss(self, x, beta=1.0, generator=None):
+        """Training objective: mean over the batch of recon + beta * kl (beta = 1: the negative ELBO).
+
+        Returns the scalar loss and the per-example terms (detached) for logging.
+        """
+        recon, kl = self.elbo_terms(x, generator)
+        return (recon + beta * kl).mean(), recon.detach(), kl.detach()
+
+    def log_weights(self, x, k, generator=None, posterior=None):
+        """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: shape (k, B).
+
+        Burda et al. (2016), "Importance Weighted Autoencoders", eq. (8). posterior: (mu, logvar) if the
+        encoder has already been run on x.
+        """
+        mu, logvar = self.encode(x) if posterior is None else posterior  # (B, d) each
+        eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, d)
+        logits = self.decode(z)  # (k, B, 1, 28, 28)
+        log_px_z = log_likelihood(logits, x, self.config.likelihood)  # (k, B)
+        # log q(z|x) in terms of eps: -1/2 sum(eps^2 + logvar + log 2 pi).
+        log_qz_x = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (k, B)
+        return log_px_z + std_normal_log_prob(z) - log_qz_x
+
+    def iwae_bound(self, x, k, chunk=None, generator=None):
+        """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,).
+
+        k = 1 is the ELBO; the bound rises with k towards log p(x) (Burda et al., Theorem 1), so with
+        large k (5000 in the paper) it is the standard estimate of the test log-likelihood. The k samples
+        are drawn `chunk` at a time and combined with logsumexp, so memory does not grow with k.
+        """
+        posterior = self.encode(x)
+        chunk = chunk or k
+        parts = [
+            torch.logsumexp(self.log_weights(x, min(chunk, k - start), generator, posterior), dim=0)
+            for start in range(0, k, chunk)
+        ]  # each (B,)
+        return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
+
+    def sample(self, n, generator=None):
+        """n draws z ~ p(z), decoded to logits (n, 1, 28, 28); use .mean(logits) to display them."""
+        weight = self.to_mu.weight
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
+        return self.decode(z)
+
