@@ -182,10 +182,13 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def init_output_bias(self, pixel_mean):
-        """Start p(x|z) at the data's marginal: output bias = logit of the mean training image.
+        """Start the decoder near the data's marginal: output bias = logit of the mean training image.
 
         As in Burda et al.'s IWAE code (means clipped to [0.001, 0.999]); it saves the first epochs the work
-        of learning the background. pixel_mean: (1, 28, 28). The conv decoder has one bias, set from the mean.
+        of learning the background. For the continuous Bernoulli this sets lambda, not the mean, to the
+        pixel mean: the logit whose CB mean is 0.001 is about -1000, a start no Adam step of 1e-3 could
+        move away from, while these logits stay on the Bernoulli's scale (|logit| <= 6.9).
+        pixel_mean: (1, 28, 28). The conv decoder has a single output bias, set from the mean over pixels.
         """
         p = pixel_mean.clamp(0.001, 0.999)
         if self.config.arch == "conv":
@@ -249,7 +252,7 @@ class VAE(nn.Module):
         eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, d)
         logits = self.decode(z)  # (k, B, 1, 28, 28)
-        log_px_z = log_likelihood(logits, x, self.config.likelihood)  # (k, B)
+        log_px_z = log_likelihood(logits, x.expand_as(logits), self.config.likelihood)  # (k, B)
         # log q(z|x) in terms of eps: -1/2 sum(eps^2 + logvar + log 2 pi).
         log_qz_x = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (k, B)
         return log_px_z + std_normal_log_prob(z) - log_qz_x

@@ -1,0 +1,156 @@
+"""visualize.py: the latent grid, the PCA plane, the tiling, and the figures end to end on tiny models."""
+
+import matplotlib.image
+import pytest
+import torch
+
+import train
+import visualize
+
+FIVE_FIGURES = ("latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png", "training_curves.png")
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+def test_manifold_grid_is_gaussian_quantiles_strictly_inside_the_unit_square():
+    u = visualize.grid_quantiles(20)
+    assert u.shape == (20,)
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.allclose(u[1:] - u[:-1], torch.full((19,), 1 / 20))  # evenly spaced
+
+    grid = visualize.manifold_grid(20)
+    assert grid.shape == (20, 20, 2)
+    a = torch.distributions.Normal(0.0, 1.0).icdf(u)
+    assert torch.isfinite(grid).all()
+    assert torch.allclose(a, -a.flip(0), atol=1e-5)  # symmetric around 0
+    # Columns run over the first coordinate left to right, rows over the second from top (largest) down.
+    assert torch.allclose(grid[0, :, 0], a) and torch.allclose(grid[:, 0, 1], a.flip(0))
+    assert torch.allclose(grid[7, :, 1], torch.full((20,), a[12].item()))
+
+
+def test_principal_plane_recovers_the_axes_of_largest_variance():
+    generator = torch.Generator().manual_seed(0)
+    n, d = 4000, 6
+    offset = torch.arange(d, dtype=torch.float32)
+    mu = offset + 0.01 * torch.randn(n, d, generator=generator)
+    mu[:, 3] += 3.0 * torch.randn(n, generator=generator)  # the leading direction: e_3, std 3
+    mu[:, 1] += 1.0 * torch.randn(n, generator=generator)  # the second: e_1, std 1
+
+    center, directions, scales = visualize.principal_plane(mu)
+
+    assert torch.allclose(center, offset, atol=0.15)
+    assert torch.allclose(directions @ directions.T, torch.eye(2), atol=1e-5)
+    assert torch.allclose(directions.abs(), torch.eye(d)[[3, 1]], atol=0.02)
+    assert (directions[[0, 1], [3, 1]] > 0).all()  # signs fixed: largest component positive
+    assert torch.allclose(scales, torch.tensor([3.0, 1.0]), rtol=0.05)
+
+
+def test_latent_plane_is_the_latent_space_itself_in_two_dimensions():
+    center, directions, scales = visualize.latent_plane(torch.randn(100, 2) + 5)
+    assert torch.equal(center, torch.zeros(2)) and torch.equal(directions, torch.eye(2))
+    assert torch.equal(scales, torch.ones(2))
+
+
+def test_tile_keeps_images_upright_and_in_row_major_order():
+    images = torch.arange(6 * 28 * 28, dtype=torch.float32).reshape(6, 1, 28, 28)
+    grid = visualize.tile(images, 2, 3)
+    assert grid.shape == (56, 84)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        assert (grid[28 * r : 28 * (r + 1), 28 * c : 28 * (c + 1)] == images[k, 0].numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def train_tiny(out_dir, data_dir, *model_args):
+    train.main(["--epochs", "1", "--limit", "512", "--hidden-dims", "32", "--out-dir", str(out_dir),
+                "--data-dir", str(data_dir), "--device", "cpu", *model_args])  # fmt: skip
+    return out_dir / "ckpt.pt"
+
+
+@pytest.fixture(scope="module")
+def cb_checkpoint(tmp_path_factory, data_dir):
+    return train_tiny(tmp_path_factory.mktemp("cb"), data_dir, "--latent-dim", "2", "--likelihood", "cb")
+
+
+@pytest.fixture(scope="module")
+def bernoulli_checkpoint(tmp_path_factory, data_dir):
+    args = ["--latent-dim", "5", "--likelihood", "bernoulli", "--arch", "conv", "--hidden-dims", "64"]
+    return train_tiny(tmp_path_factory.mktemp("bernoulli"), data_dir, *args)
+
+
+def assert_png(path, min_side=150):
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 5_000 < path.stat().st_size < 2_000_000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) >= min_side
+
+
+@pytest.mark.parametrize("which", ["cb_checkpoint", "bernoulli_checkpoint"])  # 2-D latent; 5-D (the PCA path)
+def test_the_five_figures(which, request, tmp_path, capsys):
+    checkpoint = request.getfixturevalue(which)
+    visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path), "--device", "cpu"])
+    for name in FIVE_FIGURES:
+        assert_png(tmp_path / name, min_side=100 if name == "reconstructions.png" else 150)
+    printed = capsys.readouterr().out
+    assert all(str(tmp_path / name) in printed for name in FIVE_FIGURES)
+
+
+@pytest.mark.parametrize("log", [None, "", "not json\n", '{"epoch": 1}\n', "[1, 2]\n"])
+def test_a_missing_or_unreadable_log_skips_the_training_curves_with_a_notice(log, tmp_path, capsys):
+    log_path = tmp_path / "log.jsonl"
+    if log is not None:
+        log_path.write_text(log)
+    assert visualize.read_log(log_path) is None
+    assert "skipping the training curves" in capsys.readouterr().out
+
+
+def test_the_log_is_read_as_train_py_writes_it(cb_checkpoint):
+    (record,) = visualize.read_log(cb_checkpoint.parent / "log.jsonl")
+    assert record["epoch"] == 1 and visualize.LOG_KEYS <= record.keys()
+
+
+def test_compare(bernoulli_checkpoint, cb_checkpoint, tmp_path):
+    visualize.main(["--compare", str(bernoulli_checkpoint), str(cb_checkpoint), "--plots-dir", str(tmp_path),
+                    "--device", "cpu"])  # fmt: skip
+    assert_png(tmp_path / "compare_bernoulli_cb.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["compare_bernoulli_cb.png"]
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_compare_refuses_the_checkpoints_swapped(bernoulli_checkpoint, cb_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--compare", str(cb_checkpoint), str(bernoulli_checkpoint), "--plots-dir", str(tmp_path),
+                        "--device", "cpu"])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert "BERNOULLI_CKPT CB_CKPT" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("content", [None, b"\x00garbage, not a checkpoint\xff" * 10])
+def test_an_unusable_checkpoint_is_a_one_line_error(content, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt.pt"
+    if content is not None:
+        checkpoint.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path / "plots"), "--device", "cpu"])
+    assert exit_info.value.code == 1
+    assert str(checkpoint) in one_line_error(capsys)
+    assert not (tmp_path / "plots").exists()  # nothing is created for a run that cannot start
+
+
+def test_a_checkpoint_without_its_training_settings_is_a_one_line_error(cb_checkpoint, tmp_path, capsys):
+    state = torch.load(cb_checkpoint, weights_only=True)
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({**state, "train_config": {"epochs": 1}}, checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path / "plots"), "--device", "cpu"])
+    assert exit_info.value.code == 1
+    assert "train_config" in one_line_error(capsys)

@@ -1,0 +1,356 @@
+"""Figures of a trained VAE: `python visualize.py` (see --help). Writes PNGs into --plots-dir.
+
+Default: latent_scatter.png, manifold_20x20.png, reconstructions.png, samples.png, training_curves.png.
+--compare BERNOULLI_CKPT CB_CKPT: one figure, compare_bernoulli_cb.png, that sets a Bernoulli decoder beside a
+continuous-Bernoulli one, and shows why a CB decoder's images are displayed as its mean, not as lambda
+(Loaiza-Ganem & Cunningham 2019).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: works on servers and in tests
+import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
+import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from data import DataError, batches, load_mnist, load_test_set  # noqa: E402
+from utils import CheckpointError, add_device_arg, load_checkpoint, pick_device  # noqa: E402
+
+MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
+N_RECONSTRUCTIONS = 10
+SAMPLES_SIDE = 10
+SAMPLE_SEED = 0  # the prior samples are drawn from this seed, so a figure is the same on every run
+ENCODE_BATCH = 1000
+DPI = 120
+COMPARE_FILE = "compare_bernoulli_cb.png"
+COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
+TRAIN_KEYS = {"data_dir", "binarize", "beta"}  # of a checkpoint's train_config, the ones used here
+LOG_KEYS = {"epoch", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load(path, device):
+    """(state, model) of a checkpoint, with the training settings the figures use checked too.
+
+    utils.load_checkpoint validates the model part only; the test set must be prepared as in training,
+    which needs train_config's data_dir and binarize (and beta labels the training curve).
+    """
+    state, model = load_checkpoint(path, device)
+    config = state["train_config"]
+    if not isinstance(config, dict) or not TRAIN_KEYS <= config.keys():
+        needed = ", ".join(sorted(TRAIN_KEYS))
+        raise CheckpointError(f"{path}: its train_config must hold {needed}; was it written by train.py?")
+    return state, model
+
+
+# --------------------------------------------------------------------------------------------- latent geometry
+
+
+def grid_quantiles(side):
+    """side evenly spaced probabilities strictly inside (0, 1): (i + 0.5) / side, i = 0..side-1.
+
+    Kingma & Welling (2014), Fig. 4: evenly spaced points of the unit square, mapped through the inverse
+    Gaussian CDF; the half-step offset keeps 0 and 1 (z = -inf and +inf) out of the grid.
+    """
+    return (torch.arange(side, dtype=torch.float32) + 0.5) / side
+
+
+def manifold_grid(side):
+    """(side, side, 2) points in standard-normal coordinates, laid out as the image will be.
+
+    Column c holds the c-th quantile in the first coordinate; row r the (side-1-r)-th in the second, so the
+    second coordinate grows upwards, as in the latent scatter plot.
+    """
+    a = torch.distributions.Normal(0.0, 1.0).icdf(grid_quantiles(side))  # (side,)
+    first, second = torch.meshgrid(a, a.flip(0), indexing="xy")  # each (side, side): [row, column]
+    return torch.stack([first, second], dim=-1)  # (side, side, 2)
+
+
+def principal_plane(mu):
+    """The plane of the two leading principal directions of the posterior means mu (N, d), d >= 2.
+
+    Returns center (d,), directions (2, d) with orthonormal rows, and scales (2,): the standard deviation of
+    mu along each direction. PCA by SVD of the centred means; each direction's sign is fixed (largest
+    component positive) so that the figures do not flip between runs or devices.
+    """
+    center = mu.mean(0)  # (d,)
+    _, s, vh = torch.linalg.svd(mu - center, full_matrices=False)  # vh: (min(N, d), d)
+    directions = vh[:2]  # (2, d)
+    largest = directions.gather(1, directions.abs().argmax(1, keepdim=True))  # (2, 1)
+    directions = directions * largest.sign()
+    scales = s[:2] / (mu.shape[0] - 1) ** 0.5  # (2,)
+    return center, directions, scales
+
+
+def latent_plane(mu):
+    """Where the 2-D figures live: (center, directions, scales), z = center + (coords * scales) @ directions.
+
+    With latent_dim = 2 this is the latent space itself, in prior units (center 0, scales 1), as in the
+    paper. Above 2 it is the principal plane of the test posterior means, and the grid's Gaussian quantiles
+    are scaled by the means' spread along each direction: the aggregate posterior need not have unit
+    variance there, and this keeps the grid on the region the data actually occupies.
+    """
+    d = mu.shape[1]
+    if d == 2:
+        return torch.zeros(2, device=mu.device), torch.eye(2, device=mu.device), torch.ones(2, device=mu.device)
+    return principal_plane(mu)
+
+
+# --------------------------------------------------------------------------------------------- model passes
+
+
+@torch.inference_mode()
+def posterior_means(model, images):
+    """mu of q(z|x) for every image: (N, 1, 28, 28) -> (N, d), in batches to bound memory."""
+    return torch.cat([model.encode(x)[0] for x in batches(images, ENCODE_BATCH)])
+
+
+@torch.inference_mode()
+def decode_means(model, z):
+    """E[x|z] for each z: (..., d) -> (..., 1, 28, 28)."""
+    return model.mean(model.decode(z))
+
+
+@torch.inference_mode()
+def reconstruct(model, x):
+    """decode(mu): the reconstruction at the posterior mean; returns the logits (B, 1, 28, 28)."""
+    mu, _ = model.encode(x)
+    return model.decode(mu)
+
+
+def prior_z(n, latent_dim, device):
+    """n draws z ~ N(0, I) from SAMPLE_SEED: the same z for every model of this latent_dim."""
+    generator = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
+    return torch.randn(n, latent_dim, generator=generator, device=device)
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+
+def tile(images, rows, cols):
+    """(rows * cols, 1, 28, 28) images, row-major -> one (rows * 28, cols * 28) array, tiles touching."""
+    h, w = images.shape[-2:]
+    grid = images.reshape(rows, cols, h, w).permute(0, 2, 1, 3)  # (rows, 28, cols, 28)
+    return grid.reshape(rows * h, cols * w).float().cpu().numpy()
+
+
+def show_image(ax, array, title):
+    ax.imshow(array, cmap="gray", vmin=0.0, vmax=1.0)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def show_rows(ax, rows, labels, title):
+    """Rows of images (each (n, 1, 28, 28)) stacked into one image, each row named on the left."""
+    n = rows[0].shape[0]
+    show_image(ax, tile(torch.cat([r.cpu() for r in rows]), len(rows), n), title)
+    ax.set_yticks([28 * i + 14 for i in range(len(rows))], labels)
+    ax.tick_params(left=False)
+
+
+def save(fig, path):
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------- the five figures
+
+
+def plot_latent_scatter(mu, labels, plane, path):
+    center, directions, _ = plane
+    d = mu.shape[1]
+    points = ((mu - center) @ directions.T).cpu()  # (N, 2)
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", vmin=-0.5, vmax=9.5, s=2, alpha=0.7)
+    handles, names = scatter.legend_elements(fmt="{x:.0f}")
+    ax.legend(handles, names, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    if d == 2:
+        ax.set(title="Test set: posterior means of q(z|x)", xlabel="$z_1$", ylabel="$z_2$")
+        ax.set_aspect("equal")
+    else:
+        ax.set(title=f"Test set: posterior means, PCA of {d}-D latent to 2-D",
+               xlabel="principal component 1", ylabel="principal component 2")  # fmt: skip
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_manifold(model, plane, path):
+    center, directions, scales = plane
+    coords = manifold_grid(MANIFOLD_SIDE).to(center.device)  # (20, 20, 2), standard-normal quantiles
+    z = center + (coords * scales) @ directions  # (20, 20, d)
+    images = decode_means(model, z.reshape(-1, z.shape[-1]))  # (400, 1, 28, 28)
+    d = model.config.latent_dim
+    where = "$z$ on a grid of Gaussian quantiles" if d == 2 else (
+        f"$z$ in the plane of the two leading principal directions of the {d}-D posterior means,\n"
+        "at Gaussian quantiles times the means' std along each"
+    )
+    fig, ax = plt.subplots(figsize=(7, 7.3))
+    show_image(ax, tile(images, MANIFOLD_SIDE, MANIFOLD_SIDE), f"Learned manifold: E[x|z] for\n{where}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_reconstructions(model, images, path):
+    x = images[:N_RECONSTRUCTIONS]  # (n, 1, 28, 28)
+    recon = model.mean(reconstruct(model, x))
+    fig, ax = plt.subplots(figsize=(8, 2.2))
+    show_rows(ax, [x, recon], ["test", "recon"], "Test images and their reconstructions E[x | z = mu(x)]")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_samples(model, path):
+    z = prior_z(SAMPLES_SIDE**2, model.config.latent_dim, next(model.parameters()).device)
+    fig, ax = plt.subplots(figsize=(6, 6.3))
+    show_image(ax, tile(decode_means(model, z), SAMPLES_SIDE, SAMPLES_SIDE), "Samples: E[x|z], z ~ N(0, I)")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def read_log(log_path):
+    """The training log as a list of records, or None (with a printed notice) if there is none to read."""
+    if not log_path.is_file():
+        print(f"no training log at {log_path}; skipping the training curves")
+        return None
+    try:
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if records and all(isinstance(r, dict) and LOG_KEYS <= r.keys() for r in records):
+            return records
+    except json.JSONDecodeError:
+        pass
+    print(f"{log_path} is empty or not a training log of this project; skipping the training curves")
+    return None
+
+
+def plot_training_curves(records, beta, path):
+    epochs = [r["epoch"] for r in records]
+    # The training loss is averaged over the epoch while the model improves, and weighs the KL by beta;
+    # with beta = 1 it is the negative ELBO, like the test loss.
+    train_label = "train" if beta == 1 else f"train (recon + {beta:g} KL)"
+    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", markersize=3, label=train_label)
+    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", markersize=3, label="test")
+    loss_ax.set(title="Negative ELBO", xlabel="epoch", ylabel="nats / image")
+    loss_ax.legend()
+    kl_ax.plot(epochs, [r["test_kl"] for r in records], "o-", markersize=3, color="tab:green")
+    kl_ax.set(title="Test KL(q(z|x) || p(z))", xlabel="epoch", ylabel="nats / image")
+    for ax in (loss_ax, kl_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
+    fig.tight_layout()
+    save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------- --compare
+
+
+def model_inputs(state, model, data_dir, n, device):
+    """The first n test images as this model was scored on them (a Bernoulli model's usually binarized)."""
+    return load_test_set(data_dir, state["train_config"]["binarize"], model.config.likelihood, device, limit=n)[0]
+
+
+@torch.inference_mode()
+def plot_compare(bernoulli, cb, data_dirs, device, path):
+    """Reconstructions and prior samples of both models; the CB ones both as lambda and as the CB mean.
+
+    A CB decoder's lambda is not its mean: E[x] = 1 / (1 - e^-l) - 1 / l is pulled towards 1/2 (CB paper,
+    eq. (4)), so images shown as lambda look sharper than what the model actually predicts.
+    """
+    n = N_RECONSTRUCTIONS
+    (_, bernoulli_model), (_, cb_model) = bernoulli, cb
+    originals, _ = load_mnist(data_dirs[0], train=False, limit=n)  # (n, 1, 28, 28), grayscale
+    bernoulli_recon = reconstruct(bernoulli_model, model_inputs(*bernoulli, data_dirs[0], n, device))  # logits
+    cb_recon = reconstruct(cb_model, model_inputs(*cb, data_dirs[1], n, device))  # logits
+    bernoulli_prior = bernoulli_model.decode(prior_z(n, bernoulli_model.config.latent_dim, device))
+    cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device))  # one z for both CB rows
+
+    fig, (recon_ax, sample_ax) = plt.subplots(2, 1, figsize=(8, 6.5), height_ratios=[4, 3])
+    show_rows(recon_ax,
+              [originals, bernoulli_model.mean(bernoulli_recon), torch.sigmoid(cb_recon), cb_model.mean(cb_recon)],
+              ["test (grayscale)", *COMPARE_ROWS], "Reconstructions, z = mu(x)")
+    show_rows(sample_ax,
+              [bernoulli_model.mean(bernoulli_prior), torch.sigmoid(cb_prior), cb_model.mean(cb_prior)],
+              COMPARE_ROWS, "Samples, z ~ N(0, I)")  # fmt: skip
+    fig.suptitle("Bernoulli vs continuous Bernoulli (CB) decoder: λ = sigmoid(logits) is not the CB mean")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def load_for_compare(paths, data_dir, device):
+    """Both checkpoints, checked to be a Bernoulli and a CB model in that order, and the data dir of each."""
+    loaded = [load(path, device) for path in paths]
+    for (_, model), path, expected in zip(loaded, paths, ("bernoulli", "cb")):
+        if model.config.likelihood != expected:
+            raise CheckpointError(
+                f"--compare takes BERNOULLI_CKPT CB_CKPT, in this order, but {path} is a "
+                f"{model.config.likelihood!r} model where a {expected!r} one belongs"
+            )
+    return loaded, [data_dir or state["train_config"]["data_dir"] for state, _ in loaded]
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt", help="the model to show (default: out/ckpt.pt)")
+    p.add_argument("--plots-dir", default="plots", help="where the PNGs go (default: plots)")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--compare", nargs=2, metavar=("BERNOULLI_CKPT", "CB_CKPT"),
+                   help=f"instead of the five figures, write {COMPARE_FILE} for these two models")  # fmt: skip
+    add_device_arg(p)
+    return p
+
+
+def plot_all(state, model, data_dir, log_path, device, plots_dir):
+    """The five figures of one model; the training curves only if its training log is there."""
+    train_config = state["train_config"]
+    # The test set exactly as training scored it (same binarization), but all of it: --limit is for training.
+    images, labels = load_test_set(data_dir, train_config["binarize"], model.config.likelihood, device, limit=None)
+    if model.config.latent_dim >= 2:
+        mu = posterior_means(model, images)  # (N, d)
+        plane = latent_plane(mu)
+        plot_latent_scatter(mu, labels, plane, plots_dir / "latent_scatter.png")
+        plot_manifold(model, plane, plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
+    else:
+        print("latent_dim is 1: skipping the latent scatter and the manifold, which need a 2-D plane")
+    plot_reconstructions(model, images, plots_dir / "reconstructions.png")
+    plot_samples(model, plots_dir / "samples.png")
+    records = read_log(log_path)
+    if records is not None:
+        plot_training_curves(records, train_config["beta"], plots_dir / "training_curves.png")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    plots_dir = Path(args.plots_dir)
+    try:
+        if args.compare:
+            (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
+            plots_dir.mkdir(parents=True, exist_ok=True)
+            plot_compare(bernoulli, cb, data_dirs, device, plots_dir / COMPARE_FILE)
+        else:
+            state, model = load(args.checkpoint, device)
+            plots_dir.mkdir(parents=True, exist_ok=True)
+            data_dir = args.data_dir or state["train_config"]["data_dir"]
+            log_path = Path(args.checkpoint).parent / "log.jsonl"  # train.py writes it beside ckpt.pt
+            plot_all(state, model, data_dir, log_path, device, plots_dir)
+    except (CheckpointError, DataError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
