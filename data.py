@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def _check_file(folder, name):
     if gz.exists():
         try:
             data = gzip.decompress(gz.read_bytes())
-        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated file raises EOFError
+        except (OSError, EOFError, zlib.error) as e:  # bad header, truncated stream, corrupt deflate data
             return f"{gz} is corrupt ({e})"
         if _md5(data) != MNIST_MD5[name]:
             return f"{gz} is corrupt (its content's md5 is not the official one)"

@@ -3,7 +3,7 @@
 import argparse
 import os
 import pickle
-import zipfile
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -80,11 +80,25 @@ def save_checkpoint(path, state):
     """Write atomically: a kill at any moment leaves either the old checkpoint or the new one, whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves no half-written file behind
+        raise
+
+
+def _load_error_reason(e):
+    """The informative line of a torch.load error. A weights-only refusal opens with boilerplate (which even
+    suggests weights_only=False) and names the real cause, such as a blocked GLOBAL like os.system, further down."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, pickle.UnpicklingError):
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line for line in lines if not line.startswith(boilerplate)] or lines
+    return lines[0] if lines else type(e).__name__
 
 
 def load_checkpoint(path, device="cpu"):
@@ -94,16 +108,17 @@ def load_checkpoint(path, device="cpu"):
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train one with `python train.py` or pass --checkpoint")
+        raise CheckpointError(f"no checkpoint at {path}; check the path, or train a model first (python train.py)")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # damaged bytes make the unpickler raise almost anything (KeyError, IndexError, ...)
         raise CheckpointError(
-            f"{path} is not a loadable checkpoint of this project (refused or unreadable: {first_line})"
+            f"{path} is not a loadable checkpoint of this project (refused or unreadable: {_load_error_reason(e)})"
         ) from e
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
-        present = sorted(state) if isinstance(state, dict) else type(state).__name__
+        present = sorted(state, key=str) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{path} is not a checkpoint of this project: it needs the keys {', '.join(CHECKPOINT_KEYS)}, "
             f"found {present}"

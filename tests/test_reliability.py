@@ -1,0 +1,544 @@
+"""train.py and utils.py when things go wrong: bad flags, bad data, crashes, bad or hostile checkpoints,
+--resume, Ctrl-C and a diverging loss.
+
+Every run is tiny (128 images, one hidden layer of 32, 4 steps an epoch, one CPU thread). train.main runs
+in-process, so an uncaught exception (what would print a traceback) fails the test by itself; stderr is
+also checked to hold exactly one `error: ...` line. One test runs train.py in a subprocess, to kill it
+with SIGKILL in the middle of a checkpoint write.
+"""
+
+import errno
+import json
+import os
+import pickle
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tqdm import tqdm
+
+import data
+import train
+import utils
+from utils import CheckpointError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--limit", "128", "--batch-size", "32", "--hidden-dims", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: the machine is shared, and runs compared with each other then use the same kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class QuietTqdm(tqdm):
+    """No progress bars: a bar another test module left open makes the next ones redraw over several lines."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+@pytest.fixture(autouse=True)
+def no_progress_bars(monkeypatch):
+    monkeypatch.setattr(train, "tqdm", QuietTqdm)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def shown_lines(err):
+    """What a terminal would show of stderr: per line, the text after the last carriage return."""
+    lines = (line.rsplit("\r", 1)[-1] for line in err.split("\n"))
+    return [line for line in lines if line.strip()]
+
+
+def run_main(capsys, *argv):
+    """train.main(argv) -> (exit code, stdout, shown stderr lines)."""
+    capsys.readouterr()
+    try:
+        train.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, shown_lines(err)
+
+
+def the_error(lines, *needles):
+    """The one `error:` line of stderr (argparse adds its usage lines above it); it names every needle."""
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, lines
+    assert all(line.startswith(("usage:", " ")) for line in lines if line not in errors), lines
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def only_error(lines, *needles):
+    """stderr is exactly one line, `error: ...`, naming every needle (no usage: not a flag problem)."""
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return the_error(lines, *needles)
+
+
+def log_epochs(run):
+    log = run / "log.jsonl"
+    return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def log_records(run):
+    return {r["epoch"]: r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+
+def saved_epoch(run):
+    state, _ = load_checkpoint(run / "ckpt.pt")
+    return state["epoch"]
+
+
+@pytest.fixture(scope="module")
+def epoch1_run(tmp_path_factory, data_dir):
+    """A finished 1-epoch run (copy it before changing it)."""
+    run = tmp_path_factory.mktemp("epoch1") / "run"
+    train.main([*TINY, "--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
+def epoch2_run(tmp_path_factory, data_dir):
+    """The same run, 2 epochs straight."""
+    run = tmp_path_factory.mktemp("epoch2") / "run"
+    train.main([*TINY, "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)])
+    return run
+
+
+@pytest.fixture
+def run(tmp_path, epoch1_run):
+    """A private copy of the 1-epoch run."""
+    return Path(shutil.copytree(epoch1_run, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+POSITIVE_INT = "expected a positive integer"
+HIDDEN = "expected comma-separated positive integers"
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--epochs", "0", POSITIVE_INT),
+        ("--epochs", "-3", POSITIVE_INT),
+        ("--epochs", "1.5", POSITIVE_INT),
+        ("--batch-size", "0", POSITIVE_INT),
+        ("--batch-size", "-1", POSITIVE_INT),
+        ("--latent-dim", "0", POSITIVE_INT),
+        ("--latent-dim", "two", POSITIVE_INT),
+        ("--lr", "0", "expected a positive number"),
+        ("--lr", "-0.001", "expected a positive number"),
+        ("--lr", "nan", "expected a positive number"),
+        ("--lr", "inf", "expected a positive number"),
+        ("--likelihood", "gaussian", "bernoulli"),
+        ("--arch", "transformer", "mlp"),
+        ("--activation", "gelu", "tanh"),
+        ("--device", "tpu", "cuda"),
+        ("--hidden-dims", "", HIDDEN),
+        ("--hidden-dims", "a", HIDDEN),
+        ("--hidden-dims", "200,,200", HIDDEN),
+        ("--hidden-dims", "200,", HIDDEN),
+        ("--hidden-dims", "0", HIDDEN),
+        ("--hidden-dims", "-5", HIDDEN),
+        ("--hidden-dims", "200,-5", HIDDEN),
+        ("--hidden-dims", "1.5", HIDDEN),
+    ],
+)
+def test_bad_flag_is_a_usage_error(capsys, tmp_path, flag, value, allowed):
+    code, _, err = run_main(capsys, flag, value, "--out-dir", tmp_path / "run")
+    assert code == 2
+    the_error(err, flag, allowed)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "device, present, says",
+    [("cuda", torch.cuda.is_available, "no CUDA GPU"), ("mps", torch.backends.mps.is_available, "MPS")],
+)
+def test_absent_device_is_a_usage_error(capsys, tmp_path, device, present, says):
+    if present():
+        pytest.skip(f"this machine has {device}")
+    code, _, err = run_main(capsys, "--device", device, "--out-dir", tmp_path / "run")
+    assert code == 2
+    the_error(err, f"--device {device}", says, "--device cpu")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle(path):
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "name, gz, damage, says",
+    [
+        ("train-labels-idx1-ubyte", False, None, "is missing"),
+        ("t10k-images-idx3-ubyte", False, _truncate, "is corrupt"),
+        ("train-images-idx3-ubyte", True, _truncate, "is corrupt"),
+        ("t10k-labels-idx1-ubyte", True, _flip_middle, "is corrupt"),
+    ],
+)  # fmt: skip
+def test_bad_data_stops_before_training(capsys, tmp_path, data_dir, monkeypatch, name, gz, damage, says):
+    """One IDX file missing or damaged (raw, or .gz with no raw copy), and no way to fetch it."""
+    folder = data.raw_dir(tmp_path / "data")
+    folder.mkdir(parents=True)
+    for other in data.MNIST_MD5:
+        if other != name:
+            (folder / other).symlink_to(data.raw_dir(data_dir) / other)  # verified in place, never written
+    bad = folder / (name + ".gz" if gz else name)
+    if damage is not None:
+        shutil.copyfile(data.raw_dir(data_dir) / bad.name, bad)
+        damage(bad)
+
+    def offline(into):
+        raise RuntimeError("no network in this test")
+
+    monkeypatch.setattr(data, "_fetch_torchvision", offline)
+    monkeypatch.setattr(data, "_fetch_npm", offline)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *TINY, "--data-dir", tmp_path / "data", "--out-dir", out)
+    assert code == 1
+    only_error(err, f"{bad} {says}", "no network in this test")
+    assert not (out / "ckpt.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------- atomic checkpoints
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(capsys, run, monkeypatch):
+    """The disk fills up half-way through epoch 2's checkpoint: epoch 1's is still there, whole."""
+    before = (run / "ckpt.pt").read_bytes()
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.torch, "save", torn_save)
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    monkeypatch.undo()
+    assert code == 1
+    only_error(err, "epoch 2", "No space left on device", "still holds epoch 1")
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert saved_epoch(run) == 1
+    assert not (run / "ckpt.pt.tmp").exists()
+
+
+KILL_DURING_SECOND_SAVE = """
+import io, os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, os.getcwd())
+import train
+
+real_save, calls = torch.save, []
+
+def save_then_die(obj, f, *args, **kwargs):
+    calls.append(obj)
+    if len(calls) == 2:  # epoch 2's checkpoint: write half of it, then die as `kill -9` does
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_during_checkpoint_write_then_resume(capsys, tmp_path, data_dir, epoch2_run):
+    """SIGKILL half-way through epoch 2's checkpoint, after its log line: epoch 1's checkpoint loads, and
+    --resume drops the orphaned log line, redoes epoch 2 and ends where a run without the crash ends."""
+    run = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SECOND_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert 0 < (run / "ckpt.pt.tmp").stat().st_size  # it did die in mid-write
+    assert saved_epoch(run) == 1
+    assert log_epochs(run) == [1, 2]  # epoch 2 was logged, not saved
+
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 0, err
+    assert log_epochs(run) == [1, 2]
+    assert log_records(run)[2]["test_loss"] == pytest.approx(log_records(epoch2_run)[2]["test_loss"], rel=1e-5)
+    assert saved_epoch(run) == 2
+
+
+# --------------------------------------------------------------------------------------------- loading checkpoints
+
+
+def _state(run):
+    return torch.load(run / "ckpt.pt", weights_only=True)
+
+
+def _save(run, state):
+    torch.save(state, run / "ckpt.pt")
+
+
+def _edit_model_config(**changes):
+    def edit(run):
+        state = _state(run)
+        state["model_config"].update(changes)
+        _save(run, state)
+
+    return edit
+
+
+def _drop_model_config_field(name):
+    def edit(run):
+        state = _state(run)
+        del state["model_config"][name]
+        _save(run, state)
+
+    return edit
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda run: (run / "ckpt.pt").unlink(), "no checkpoint at"),
+    "empty": (lambda run: (run / "ckpt.pt").write_bytes(b""), "not a loadable checkpoint"),
+    "garbage bytes": (
+        lambda run: (run / "ckpt.pt").write_bytes(random.Random(0).randbytes(4096)),
+        "not a loadable checkpoint",
+    ),
+    "truncated": (lambda run: _truncate(run / "ckpt.pt"), "not a loadable checkpoint"),
+    "another project's": (
+        lambda run: _save(run, {"state_dict": _state(run)["model"], "epoch": 3}),
+        "not a checkpoint of this project",
+    ),
+    "not a dict": (lambda run: _save(run, [1, 2, 3]), "not a checkpoint of this project"),
+    "unknown model_config field": (_edit_model_config(dropout=0.1), "unknown field 'dropout'"),
+    "missing model_config field": (_drop_model_config_field("latent_dim"), "missing field 'latent_dim'"),
+    "bad arch": (_edit_model_config(arch="transformer"), "arch must be one of mlp, conv"),
+    "bad hidden_dims": (_edit_model_config(hidden_dims="wide"), "cannot build the model"),
+    "weights of another shape": (_edit_model_config(hidden_dims=[64]), "cannot build the model"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_refused(capsys, run, kind):
+    spoil, says = BAD_CHECKPOINTS[kind]
+    spoil(run)
+    with pytest.raises(CheckpointError, match="ckpt.pt") as refused:
+        load_checkpoint(run / "ckpt.pt")
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 1
+    only_error(err, "cannot resume", says)
+    assert log_epochs(run) == [1]
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (lambda state: state["train_config"].update(momentum=0.9), "train_config"),
+        (lambda state: state.update(epoch="one"), "epoch"),
+        (lambda state: state.pop("optimizer"), "optimizer"),
+        (lambda state: state["optimizer"]["param_groups"].clear(), "optimizer"),
+        (lambda state: state.update(rng={"cpu": torch.zeros(3)}), "random state"),
+    ],
+)
+def test_bad_training_state_is_refused_on_resume(capsys, run, spoil, says):
+    """The model part is fine (load_checkpoint accepts it), what --resume also needs is not."""
+    state = _state(run)
+    spoil(state)
+    _save(run, state)
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 1
+    only_error(err, "cannot resume", says)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _as_checkpoint(payload, run):
+    state = _state(run)
+    return {**state, "model": payload}
+
+
+def _write_plain_pickle(path, payload, run, protocol):
+    checkpoint = _as_checkpoint(payload, run)  # before `path`, which may be run's checkpoint, is emptied
+    with open(path, "wb") as f:
+        pickle.dump(checkpoint, f, protocol=protocol)
+
+
+def _write_torch_save(path, payload, run, protocol=None):
+    torch.save(_as_checkpoint(payload, run), path)
+
+
+def _unsafe_load(path):
+    """What loading without weights_only does (only ever on the control file)."""
+    if path.read_bytes()[:2] == b"PK":
+        return torch.load(path, weights_only=False)
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.mark.parametrize(
+    "write, protocol",
+    [(_write_plain_pickle, 2), (_write_plain_pickle, pickle.HIGHEST_PROTOCOL), (_write_torch_save, None)],
+    ids=["pickle-protocol-2", "pickle-highest", "torch.save"],
+)
+def test_malicious_checkpoint_runs_no_code(capsys, tmp_path, run, write, protocol):
+    # Control: the payload is real; loaded the unsafe way it does create its marker.
+    control_marker = tmp_path / "control-marker"
+    write(tmp_path / "control.pt", RunsCode(control_marker), run, protocol)
+    _unsafe_load(tmp_path / "control.pt")
+    assert control_marker.exists()
+
+    marker = tmp_path / "marker"
+    write(run / "ckpt.pt", RunsCode(marker), run, protocol)
+    with warnings.catch_warnings(record=True) as warned:  # torch's notes on foreign pickles would be noise
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not a loadable checkpoint") as refused:
+            load_checkpoint(run / "ckpt.pt")
+        assert not marker.exists()
+        code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert not marker.exists()
+    assert code == 1
+    only_error(err, "cannot resume", "not a loadable checkpoint")
+    assert not warned, [str(w.message) for w in warned]
+    if write is _write_torch_save:  # it says what was refused, not torch's advice to load with weights_only=False
+        assert "GLOBAL posix.system" in str(refused.value) or "GLOBAL os.system" in str(refused.value)
+        assert "weights_only" not in str(refused.value)
+
+
+# --------------------------------------------------------------------------------------------- --resume
+
+
+def test_resume_matches_a_straight_run(capsys, run, epoch2_run):
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 0, err
+    assert log_epochs(run) == [1, 2]
+    resumed, straight = log_records(run), log_records(epoch2_run)
+    for epoch in (1, 2):
+        assert resumed[epoch]["test_loss"] == pytest.approx(straight[epoch]["test_loss"], rel=1e-5)
+        assert resumed[epoch]["train_loss"] == pytest.approx(straight[epoch]["train_loss"], rel=1e-5)
+    (state, _), (straight_state, _) = load_checkpoint(run / "ckpt.pt"), load_checkpoint(epoch2_run / "ckpt.pt")
+    assert state["epoch"] == straight_state["epoch"] == 2
+    assert state["model"].keys() == straight_state["model"].keys()
+    for name, weight in state["model"].items():
+        assert torch.allclose(weight, straight_state["model"][name], rtol=1e-6, atol=1e-7), name
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(capsys, run, epoch2_run):
+    """A crash after epoch 2 was logged but before its checkpoint was replaced, the last line torn too."""
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "test_loss": 12345.0}) + "\n")
+        f.write('{"epoch": 3, "train_lo')
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 0, err
+    assert log_epochs(run) == [1, 2]
+    assert log_records(run)[2]["test_loss"] == pytest.approx(log_records(epoch2_run)[2]["test_loss"], rel=1e-5)
+
+
+def test_new_run_refuses_an_existing_checkpoint(capsys, run, data_dir):
+    ckpt, log = (run / "ckpt.pt").read_bytes(), (run / "log.jsonl").read_bytes()
+    args = [*TINY, "--latent-dim", "3", "--epochs", "1", "--data-dir", data_dir, "--out-dir", run]
+    code, _, err = run_main(capsys, *args)
+    assert code == 1
+    only_error(err, "already exists", "--resume", "--overwrite")
+    assert (run / "ckpt.pt").read_bytes() == ckpt and (run / "log.jsonl").read_bytes() == log
+
+    code, _, err = run_main(capsys, *args, "--overwrite")
+    assert code == 0, err
+    state, model = load_checkpoint(run / "ckpt.pt")
+    assert state["epoch"] == 1 and model.config.latent_dim == 3
+    assert log_epochs(run) == [1]
+
+
+def _interrupt_call(monkeypatch, n):
+    """Ctrl-C during the n-th call of train.train_epoch (the n-th epoch of this process)."""
+    real, calls = train.train_epoch, []
+
+    def train_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", train_epoch)
+
+
+def test_overwrite_interrupted_leaves_no_mix_of_runs(capsys, run, data_dir, monkeypatch):
+    """--overwrite stopped in its first epoch: the old checkpoint is gone with the old log, not resumable."""
+    _interrupt_call(monkeypatch, 1)
+    code, _, err = run_main(capsys, *TINY, "--overwrite", "--epochs", "2", "--data-dir", data_dir, "--out-dir", run)
+    assert code == 130
+    assert len(err) == 1 and "interrupted during epoch 1" in err[0] and "no epoch had finished" in err[0], err
+    assert not (run / "ckpt.pt").exists() and log_epochs(run) == []
+
+
+# --------------------------------------------------------------------------------------------- Ctrl-C, NaN
+
+
+def test_ctrl_c_keeps_the_last_epoch(capsys, tmp_path, data_dir, monkeypatch):
+    _interrupt_call(monkeypatch, 2)
+    run = tmp_path / "run"
+    code, _, err = run_main(capsys, *TINY, "--epochs", "3", "--data-dir", data_dir, "--out-dir", run)
+    assert code == 130
+    assert len(err) == 1, err
+    assert "interrupted during epoch 2" in err[0] and "holds epoch 1" in err[0] and "--resume" in err[0]
+    assert saved_epoch(run) == 1
+    assert log_epochs(run) == [1]
+    assert not (run / "ckpt.pt.tmp").exists()
+
+
+def test_diverging_first_epoch_writes_no_checkpoint(capsys, tmp_path, data_dir):
+    """--lr 1e6: Adam's first step moves every weight by ~1e6, the loss overflows within a few steps."""
+    run = tmp_path / "run"
+    code, _, err = run_main(capsys, *TINY, "--lr", "1e6", "--epochs", "2", "--data-dir", data_dir, "--out-dir", run)
+    assert code == 1
+    line = only_error(err, "NaN or infinite", "of epoch 1", "no checkpoint was written", "learning rate", "--lr")
+    assert " step " in line
+    assert not (run / "ckpt.pt").exists() and log_epochs(run) == []
+
+
+def test_diverging_later_epoch_keeps_the_last_good_checkpoint(capsys, run, monkeypatch):
+    """Epoch 1 went well; in epoch 2 the learning rate jumps to 1e6 and the loss becomes NaN."""
+    before = (run / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(train, "learning_rate", lambda config, epoch: 1e-3 if epoch == 1 else 1e6)
+    code, _, err = run_main(capsys, "--resume", "--epochs", "3", "--out-dir", run)
+    assert code == 1
+    line = only_error(err, "NaN or infinite", "of epoch 2", "still holds epoch 1", "learning rate")
+    assert " step " in line
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert saved_epoch(run) == 1
+    assert log_epochs(run) == [1]
