@@ -1,0 +1,188 @@
+"""Score a trained VAE on the MNIST test set: `python evaluate.py --checkpoint out/ckpt.pt` (see --help).
+
+Reports, averaged over the test images:
+  -ELBO           the training objective, with one z ~ q(z|x) per image (Kingma & Welling 2014, eq. (10));
+  -log p(x)       estimated with k importance samples: the k-sample bound of Burda et al. (2016), eq. (8),
+                  with k = 5000 as in their Section 5.1; also in bits per pixel;
+and, from the posterior means:
+  active units    latent dims whose posterior mean varies across the test images (Burda et al., Section 5.2);
+  15-NN accuracy  digit classification, with the training images as the reference set (the measure
+                  Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs).
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import BINARIZE_CHOICES, DataError, batches, load_mnist, load_test_set, resolve_binarize
+from model import N_PIXELS
+from utils import CheckpointError, add_device_arg, load_checkpoint, pick_device, positive_int, test_elbo
+
+# Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
+ACTIVE_UNIT_THRESHOLD = 1e-2
+N_NEIGHBORS = 15
+N_CLASSES = 10
+# At most this many elements in one block of work: the decoder output (chunk, B, 1, 28, 28) of one chunk of
+# importance samples, or one block of the test-to-training distance matrix. 2^25 float32 = 128 MiB, so a
+# chunk's temporaries stay around a GiB whatever k and --batch-size are, on a CPU or a GPU.
+BLOCK_ELEMENTS = 2**25
+BATCH_SIZE = 500  # test images per batch, the default of --batch-size
+# For dynamic binarization the kNN reference (the training images) is binarized once, with this seed.
+TRAIN_BINARIZATION_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------- measures
+
+
+def samples_per_chunk(k, batch_size):
+    """How many of the k importance samples to draw at once for a batch of images (BLOCK_ELEMENTS)."""
+    return max(1, min(k, BLOCK_ELEMENTS // (batch_size * N_PIXELS)))
+
+
+@torch.inference_mode()
+def log_likelihood_estimates(model, images, k, batch_size, generator=None, progress=False):
+    """log p^(x) = log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), for every image: (N, 1, 28, 28) -> (N,).
+
+    Burda et al. (2016), eq. (8): a lower bound on log p(x) in expectation, rising to it as k grows.
+    """
+    chunk = samples_per_chunk(k, batch_size)
+    n_batches = math.ceil(images.shape[0] / batch_size)
+    estimates = [
+        model.iwae_bound(x, k, chunk, generator)  # (B,)
+        for x in tqdm(batches(images, batch_size), total=n_batches, desc=f"log p(x), k={k}", unit="batch",
+                      leave=False, disable=not progress)
+    ]  # fmt: skip
+    return torch.cat(estimates)
+
+
+def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=False):
+    """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image."""
+    return -log_likelihood_estimates(model, images, k, batch_size, generator, progress).double().mean().item()
+
+
+@torch.inference_mode()
+def posterior_means(model, images, batch_size):
+    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim)."""
+    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
+
+
+def active_units(means):
+    """Number of latent dims u with Cov_x(E_q[z_u|x]) > 10^-2 (Burda et al. 2016, Section 5.2); means: (N, d).
+
+    The variance is over the given images (the population variance: one image gives 0 active units).
+    """
+    return int((means.var(dim=0, correction=0) > ACTIVE_UNIT_THRESHOLD).sum())
+
+
+def knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors=N_NEIGHBORS):
+    """Fraction of queries (Q, d) whose label is the majority label of their n_neighbors nearest (Euclidean)
+    reference points (R, d). A tie goes to the smallest label. The (Q, R) distances are computed in blocks."""
+    rows = max(1, BLOCK_ELEMENTS // reference.shape[0])
+    correct = 0
+    for start in range(0, queries.shape[0], rows):
+        distances = torch.cdist(queries[start : start + rows], reference)  # (rows, R)
+        nearest = distances.topk(n_neighbors, dim=1, largest=False).indices  # (rows, n_neighbors)
+        votes = torch.nn.functional.one_hot(reference_labels[nearest], N_CLASSES).sum(dim=1)  # (rows, 10)
+        correct += (votes.argmax(dim=1) == query_labels[start : start + rows]).sum().item()
+    return correct / queries.shape[0]
+
+
+def load_reference_set(data_dir, binarize, likelihood, device):
+    """All 60000 training images as the model was trained on them: pixels k/255, or, for dynamic
+    binarization, one fixed binary draw (TRAIN_BINARIZATION_SEED), like the test split (data.load_test_set)."""
+    images, labels = load_mnist(data_dir, train=True)
+    if resolve_binarize(binarize, likelihood) == "dynamic":
+        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(TRAIN_BINARIZATION_SEED))
+    return images.to(device), labels.to(device)
+
+
+# --------------------------------------------------------------------------------------------- script
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt", help="written by train.py (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=5000,
+                   help="importance samples per image for -log p(x) (default: %(default)s, as Burda et al.)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N test images (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help="images per batch; the k samples are drawn in chunks that fit (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results to this JSON file")
+    add_device_arg(p)
+    return p
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+
+    try:
+        state, model = load_checkpoint(args.checkpoint, device)
+    except CheckpointError as e:
+        fail(str(e))
+    # load_checkpoint checks the model's part; the images must also be prepared as in training.
+    train_config, likelihood = state["train_config"], model.config.likelihood
+    if not isinstance(train_config, dict) or train_config.get("binarize") not in BINARIZE_CHOICES:
+        fail(f"{args.checkpoint}: its train_config does not say how the training images were binarized")
+    binarize = train_config["binarize"]
+    data_dir = args.data_dir if args.data_dir is not None else train_config.get("data_dir", "data")
+    try:
+        test_images, test_labels = load_test_set(data_dir, binarize, likelihood, device, args.limit)
+        train_images, train_labels = load_reference_set(data_dir, binarize, likelihood, device)
+    except DataError as e:
+        fail(str(e))
+
+    neg_elbo, recon, kl = test_elbo(model, test_images)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    test_nll = iwae_nll(model, test_images, args.k, args.batch_size, generator, progress=True)
+    test_means = posterior_means(model, test_images, args.batch_size)  # (N, d)
+    train_means = posterior_means(model, train_images, args.batch_size)  # (60000, d)
+
+    results = {
+        "test_neg_elbo": neg_elbo.item(),
+        "test_recon": recon.item(),
+        "test_kl": kl.item(),
+        "test_nll": test_nll,
+        "bits_per_dim": test_nll / (N_PIXELS * math.log(2)),
+        "active_units": active_units(test_means),
+        "knn_accuracy": knn_accuracy(test_means, test_labels, train_means, train_labels),
+        "n_images": test_images.shape[0],
+        "k": args.k,
+        "model_config": state["model_config"],
+        "train_config": train_config,
+        "epoch": state["epoch"],
+    }
+    print_table(args.checkpoint, results)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+def print_table(checkpoint, r):
+    print(f"{checkpoint} (epoch {r['epoch']}), {r['n_images']} test images")
+    print(f"  -ELBO            {r['test_neg_elbo']:9.3f} nats/image  "
+          f"(recon {r['test_recon']:.3f} + KL {r['test_kl']:.3f})")  # fmt: skip
+    print(f"  -log p(x)        {r['test_nll']:9.3f} nats/image  (importance sampled, k = {r['k']})")
+    print(f"  -log p(x)        {r['bits_per_dim']:9.4f} bits/pixel")
+    print(f"  active units     {r['active_units']:5d} of {r['model_config']['latent_dim']}")
+    print(f"  {N_NEIGHBORS}-NN accuracy  {r['knn_accuracy']:9.4f}  (posterior means; the training set as reference)")
+
+
+if __name__ == "__main__":
+    main()

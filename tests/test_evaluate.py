@@ -1,0 +1,319 @@
+"""evaluate.py: the importance-sampled log-likelihood against references computed independently here
+(numerical quadrature, torch.distributions, mpmath, brute-force nearest neighbours), and the script end to end."""
+
+import json
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal
+
+import evaluate
+import train
+from data import DataError, load_test_set
+from model import VAE, VAEConfig
+from utils import load_checkpoint
+
+RESULT_KEYS = {
+    "test_neg_elbo", "test_recon", "test_kl", "test_nll", "bits_per_dim", "active_units", "knn_accuracy",
+    "n_images", "k", "model_config", "train_config", "epoch",
+}  # fmt: skip
+DISTRIBUTION = {"bernoulli": Bernoulli, "cb": ContinuousBernoulli}
+
+
+def random_vae(likelihood="bernoulli", latent_dim=3, seed=0):
+    """A small untrained VAE in float64, where q(z|x) is far from p(z|x): the bound's gap is large."""
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(latent_dim, "mlp", (16,), "tanh", likelihood)).double().eval()
+
+
+def random_images(n, likelihood, seed=0):
+    x = torch.rand(n, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x.bernoulli(generator=torch.Generator().manual_seed(seed + 1)) if likelihood == "bernoulli" else x
+
+
+def reference_log_weights(model, x, eps):
+    """log p(x|z) + log p(z) - log q(z|x) at z = mu + sigma * eps, with torch.distributions: eps (k, B, d) -> (k, B)."""
+    mu, logvar = model.encode(x)
+    q = Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+    prior = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    p_x_given_z = Independent(DISTRIBUTION[model.config.likelihood](logits=model.decode(z)), 3)
+    return p_x_given_z.log_prob(x) + prior.log_prob(z) - q.log_prob(z)
+
+
+def quadrature_log_px(model, x, lo=-10.0, hi=10.0, n=4001):
+    """log p(x) = log int p(x|z) p(z) dz for a model with a 1-d latent, by the trapezoid rule on a grid: (B,)."""
+    z = torch.linspace(lo, hi, n, dtype=torch.float64)[:, None]  # (n, 1)
+    p_x_given_z = Independent(DISTRIBUTION[model.config.likelihood](logits=model.decode(z)[:, None]), 3)
+    log_joint = p_x_given_z.log_prob(x) + Normal(0.0, 1.0).log_prob(z)  # (n, B)
+    log_trapezoid_weights = torch.full((n, 1), math.log((hi - lo) / (n - 1)), dtype=torch.float64)
+    log_trapezoid_weights[[0, -1]] -= math.log(2)
+    # The integrand must have vanished at the ends of the grid for the integral to be complete.
+    assert (log_joint[[0, -1]] < log_joint.max(0).values - 30).all()
+    return torch.logsumexp(log_joint + log_trapezoid_weights, dim=0)
+
+
+# --------------------------------------------------------------------------------------------- the bound
+
+
+@torch.inference_mode()
+def test_one_sample_bound_is_the_elbo_in_expectation():
+    """E_q[log p(x, z) - log q(z|x)] = E_q[log p(x|z)] - KL(q || p) (AEVB eq. (10)): k = 1 has the ELBO's mean."""
+    model, x = random_vae(), random_images(4, "bernoulli")
+    model.to_logvar.bias.fill_(-2.0)  # sigma ~ 0.4: a q(z|x) unlike the prior, so every term of log q counts
+    repeats = 2000
+    xs = x.repeat(repeats, 1, 1, 1)  # (repeats * 4, 1, 28, 28): an independent draw for each copy
+    bound = model.iwae_bound(xs, 1, generator=torch.Generator().manual_seed(0)).reshape(repeats, 4)
+    # The same seed gives both the same eps if they draw alike, which makes the difference less noisy;
+    # the test is valid either way, since the standard error is that of the differences.
+    recon, kl = model.elbo_terms(xs, torch.Generator().manual_seed(0))
+    difference = bound + (recon + kl).reshape(repeats, 4)  # log w - ELBO estimate
+    standard_error = difference.std(0) / math.sqrt(repeats)
+    assert (difference.mean(0).abs() < 4 * standard_error).all()
+    assert (kl > 1).all()  # the KL term matters here
+
+
+@torch.inference_mode()
+def test_bound_rises_with_k_towards_log_px_from_quadrature():
+    """Burda et al. (2016), Theorem 1: E log p^_k <= E log p^_{k+1} <= log p(x), the bound -> log p(x)."""
+    model, x = random_vae(latent_dim=1), random_images(2, "bernoulli")
+    log_px = quadrature_log_px(model, x)  # (2,)
+    repeats = 60
+    xs = x.repeat(repeats, 1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    means, errors = [], []
+    for k in (1, 10, 100):
+        bound = model.iwae_bound(xs, k, chunk=50, generator=generator).reshape(repeats, 2)
+        means.append(bound.mean(0))
+        errors.append(bound.std(0) / math.sqrt(repeats))
+        assert (means[-1] <= log_px + 3 * errors[-1]).all()
+    assert (means[0] + 3 * errors[0] < means[1]).all() and (means[1] < means[2]).all()
+    assert (log_px - means[0] > 0.5).all()  # the one-sample gap is large here ...
+    assert (log_px - means[2]).abs().max() < 0.1  # ... and closes with k
+
+
+@pytest.mark.parametrize("dtype, level, tolerance", [(torch.float64, -1e5, 1e-8), (torch.float32, -1e4, 1e-2)])
+def test_bound_is_stable_for_very_negative_log_weights(monkeypatch, dtype, level, tolerance):
+    """exp(-1e4) underflows to 0: only the shifted form log sum exp(a_i) = m + log sum exp(a_i - m) works."""
+    k, n = 10, 3
+    log_w = level + 30 * torch.rand(k, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(torch.log(torch.exp(log_w).mean(0))).all()  # the naive formula fails
+    expected = [
+        float(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(a))) for a in log_w[:, j]) / k)) for j in range(n)
+    ]
+    model, x = random_vae(), random_images(n, "bernoulli")
+    for chunk in (None, 3, 7):  # chunks whose maxima differ are combined by a second logsumexp
+        served = 0
+
+        def fake_log_weights(x, count, generator=None, posterior=None):
+            nonlocal served
+            served += count
+            return log_w[served - count : served].to(dtype)  # (count, n)
+
+        monkeypatch.setattr(model, "log_weights", fake_log_weights)
+        with torch.inference_mode():
+            bound = model.iwae_bound(x, k, chunk)
+        assert served == k
+        assert torch.isfinite(bound).all()
+        np.testing.assert_allclose(bound.double().numpy(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "cb"])
+@torch.inference_mode()
+def test_chunked_estimates_equal_a_manual_computation_on_the_same_draws(monkeypatch, likelihood):
+    """Images in batches of 2 and the k = 10 samples in chunks of 3 (3 + 3 + 3 + 1); the reference draws
+    eps for each chunk in the same order from the same seed and does the rest with torch.distributions."""
+    model, images = random_vae(likelihood), random_images(5, likelihood)
+    k, batch_size, chunk, seed = 10, 2, 3, 7
+    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", chunk * batch_size * 784)
+    assert evaluate.samples_per_chunk(k, batch_size) == chunk
+    got = evaluate.log_likelihood_estimates(model, images, k, batch_size, torch.Generator().manual_seed(seed))
+
+    generator = torch.Generator().manual_seed(seed)
+    expected = []
+    for x in images.split(batch_size):
+        log_w = [
+            reference_log_weights(model, x, torch.randn(c, x.shape[0], 3, generator=generator, dtype=torch.float64))
+            for c in (3, 3, 3, 1)
+        ]
+        expected.append(torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k))
+    torch.testing.assert_close(got, torch.cat(expected), rtol=0, atol=1e-9)
+
+
+def test_samples_per_chunk_respects_the_budget():
+    for k, batch_size in [(5000, 100), (5000, 1000), (7, 100), (5000, 10**6)]:
+        chunk = evaluate.samples_per_chunk(k, batch_size)
+        assert 1 <= chunk <= k
+        assert chunk == 1 or chunk * batch_size * 784 <= evaluate.BLOCK_ELEMENTS
+
+
+# --------------------------------------------------------------------------------------------- latent measures
+
+
+def test_active_units_counts_dims_with_posterior_mean_variance_above_0_01():
+    variances = torch.tensor([1.0, 0.04, 0.011, 0.009, 0.0025, 0.0])
+    means = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    means = (means - means.mean(0)) / means.std(0, correction=0) * variances.double().sqrt() + 5.0
+    assert evaluate.active_units(means) == 3
+    assert evaluate.active_units(means[:1]) == 0
+
+
+@torch.inference_mode()
+def test_posterior_means_are_the_encoder_means_in_batches():
+    model, images = random_vae(), random_images(7, "bernoulli")
+    torch.testing.assert_close(evaluate.posterior_means(model, images, batch_size=3), model.encode(images)[0])
+
+
+def brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors):
+    distances = np.linalg.norm(queries[:, None, :] - reference[None, :, :], axis=-1)  # (Q, R)
+    nearest = np.argsort(distances, axis=1)[:, :n_neighbors]
+    predictions = [np.bincount(reference_labels[row], minlength=10).argmax() for row in nearest]
+    return np.mean(np.array(predictions) == query_labels)
+
+
+def test_knn_accuracy_equals_brute_force(monkeypatch):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 4)) * 1.5
+    reference_labels, query_labels = rng.integers(0, 10, 600), rng.integers(0, 10, 150)
+    reference = centres[reference_labels] + rng.normal(size=(600, 4))
+    queries = centres[query_labels] + rng.normal(size=(150, 4))
+    expected = brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, 15)
+    assert 0.3 < expected < 0.95  # neither trivial nor hopeless
+    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", 600 * 40)  # 40 queries per block: 4 blocks, the last short
+    got = evaluate.knn_accuracy(
+        torch.from_numpy(queries), torch.from_numpy(query_labels),
+        torch.from_numpy(reference), torch.from_numpy(reference_labels),
+    )  # fmt: skip
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- the script
+
+
+CHECKPOINTS = {
+    "mlp-bernoulli": ["--likelihood", "bernoulli", "--hidden-dims", "64"],
+    "mlp-cb": ["--likelihood", "cb", "--hidden-dims", "64"],
+    "conv-bernoulli": ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32"],
+}
+LIMIT, K = 200, 64
+
+
+@pytest.fixture(scope="module")
+def evaluated(data_dir, tmp_path_factory):
+    """Each tiny checkpoint trained once (512 images, 1 epoch) and scored once: name -> (ckpt, results, JSON).
+
+    The conv run scores kNN against the first 6000 training images only, to keep this file fast on a CPU
+    (encoding all 60000 with the conv encoder takes longer than everything else here); the MLP runs use all.
+    """
+    runs = {}
+    for name, flags in CHECKPOINTS.items():
+        out = tmp_path_factory.mktemp(name)
+        train.main(["--limit", "512", "--epochs", "1", "--latent-dim", "4", "--device", "cpu",
+                    "--data-dir", str(data_dir), "--out-dir", str(out), *flags])  # fmt: skip
+        ckpt, json_path = out / "ckpt.pt", out / "results.json"
+        reference_sizes = []
+        with pytest.MonkeyPatch.context() as patch:
+            load_reference_set = evaluate.load_reference_set
+
+            def spy(*args, **kwargs):
+                images, labels = load_reference_set(*args, **kwargs)
+                if name.startswith("conv"):
+                    images, labels = images[:6000], labels[:6000]
+                reference_sizes.append(images.shape[0])
+                return images, labels
+
+            patch.setattr(evaluate, "load_reference_set", spy)
+            results = evaluate.main(["--checkpoint", str(ckpt), "--k", str(K), "--limit", str(LIMIT),
+                                     "--json", str(json_path), "--device", "cpu"])  # fmt: skip
+        assert reference_sizes == [6000 if name.startswith("conv") else 60000]  # --limit leaves the reference whole
+        runs[name] = ckpt, results, json.loads(json_path.read_text())
+    return runs
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_script_writes_every_result_with_sane_values(evaluated, name):
+    ckpt, results, written = evaluated[name]
+    assert set(written) == RESULT_KEYS
+    assert written == json.loads(json.dumps(results))  # what main returns is what it wrote
+    state, _ = load_checkpoint(ckpt)
+    assert written["model_config"] == json.loads(json.dumps(state["model_config"]))
+    assert written["train_config"]["limit"] == 512 and written["epoch"] == 1
+    assert written["n_images"] == LIMIT and written["k"] == K
+    if written["model_config"]["likelihood"] == "bernoulli":
+        assert 50 < written["test_nll"] < 600  # binary images: p(x) is a probability, -log p(x) > 0
+    else:
+        # A density on [0, 1]^784: a mostly black image is far more likely than under the uniform (0 nats).
+        assert -3000 < written["test_nll"] < 0
+    assert written["test_neg_elbo"] == pytest.approx(written["test_recon"] + written["test_kl"], rel=1e-5)
+    assert written["test_nll"] <= written["test_neg_elbo"] + 1.0  # -log p(x) <= -ELBO, up to the ELBO's noise
+    assert written["bits_per_dim"] == pytest.approx(written["test_nll"] / (784 * math.log(2)))
+    assert 0 <= written["active_units"] <= 4
+    assert 0.1 < written["knn_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["mlp-bernoulli", "mlp-cb"])
+def test_script_nll_agrees_with_an_independent_estimate(evaluated, data_dir, name):
+    """Our own importance sampler (torch.distributions, float64, other draws) on the same 200 test images."""
+    ckpt, results, _ = evaluated[name]
+    state, model = load_checkpoint(ckpt)
+    model = model.double()
+    images, _ = load_test_set(data_dir, state["train_config"]["binarize"], model.config.likelihood, "cpu", LIMIT)
+    generator = torch.Generator().manual_seed(12345)
+    with torch.inference_mode():
+        log_px = [
+            torch.logsumexp(reference_log_weights(model, x, torch.randn(K, x.shape[0], 4, generator=generator,
+                                                                        dtype=torch.float64)), dim=0) - math.log(K)
+            for x in images.double().split(50)
+        ]  # fmt: skip
+    assert -torch.cat(log_px).mean().item() == pytest.approx(results["test_nll"], abs=0.5)
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "five"])
+def test_bad_k_is_a_usage_error(k):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--k", k])
+    assert exit_info.value.code == 2
+
+
+def check_one_line_error(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "nope.pt"), "--device", "cpu"], "no checkpoint at")
+
+
+def test_garbage_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 10)
+    check_one_line_error(capsys, ["--checkpoint", str(garbage), "--device", "cpu"], "not a loadable checkpoint")
+
+
+def test_unusable_data_is_a_one_line_error(evaluated, monkeypatch, capsys):
+    def no_data(*args, **kwargs):
+        raise DataError("the MNIST files are gone")
+
+    monkeypatch.setattr(evaluate, "load_test_set", no_data)
+    ckpt = evaluated["mlp-bernoulli"][0]
+    check_one_line_error(capsys, ["--checkpoint", str(ckpt), "--device", "cpu"], "the MNIST files are gone")
+
+
+def test_checkpoint_without_its_binarization_is_a_one_line_error(evaluated, tmp_path, capsys):
+    state = torch.load(evaluated["mlp-bernoulli"][0], weights_only=True)
+    state["train_config"]["binarize"] = "sometimes"
+    torch.save(state, tmp_path / "ckpt.pt")
+    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "binarized")
+
+
+def test_json_into_a_missing_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--json", str(tmp_path / "no" / "such" / "results.json")])
+    assert exit_info.value.code == 2
