@@ -13,15 +13,23 @@ and, from the posterior means:
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import BINARIZE_CHOICES, DataError, batches, load_mnist, load_test_set, resolve_binarize
+from data import DataError, batches, load_mnist, load_test_set, resolve_binarize
 from model import N_PIXELS
-from utils import CheckpointError, add_device_arg, load_checkpoint, pick_device, positive_int, test_elbo
+from utils import (
+    CheckpointError,
+    add_device_arg,
+    fail,
+    load_checkpoint,
+    pick_device,
+    positive_int,
+    posterior_means,
+    test_elbo,
+)
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -63,12 +71,6 @@ def log_likelihood_estimates(model, images, k, batch_size, generator=None, progr
 def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=False):
     """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image."""
     return -log_likelihood_estimates(model, images, k, batch_size, generator, progress).double().mean().item()
-
-
-@torch.inference_mode()
-def posterior_means(model, images, batch_size):
-    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim)."""
-    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
 
 
 def active_units(means):
@@ -119,11 +121,6 @@ def build_parser():
     return p
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,12 +132,10 @@ def main(argv=None):
         state, model = load_checkpoint(args.checkpoint, device)
     except CheckpointError as e:
         fail(str(e))
-    # load_checkpoint checks the model's part; the images must also be prepared as in training.
+    # The images exactly as in training: the same binarization, from the same folder unless told otherwise.
     train_config, likelihood = state["train_config"], model.config.likelihood
-    if not isinstance(train_config, dict) or train_config.get("binarize") not in BINARIZE_CHOICES:
-        fail(f"{args.checkpoint}: its train_config does not say how the training images were binarized")
     binarize = train_config["binarize"]
-    data_dir = args.data_dir if args.data_dir is not None else train_config.get("data_dir", "data")
+    data_dir = args.data_dir if args.data_dir is not None else train_config["data_dir"]
     try:
         test_images, test_labels = load_test_set(data_dir, binarize, likelihood, device, args.limit)
         train_images, train_labels = load_reference_set(data_dir, binarize, likelihood, device)

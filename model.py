@@ -9,7 +9,7 @@ This module imports only torch and the standard library; it does no I/O.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -16,6 +16,7 @@ from model import ACTIVATIONS, ARCHS, LIKELIHOODS, VAE, VAEConfig
 from utils import (
     CheckpointError,
     add_device_arg,
+    fail,
     int_list,
     load_checkpoint,
     pick_device,
@@ -78,30 +79,33 @@ def make_train_step(model, optimizer, beta, compile=False):
         optimizer.step()
         return loss.detach()
 
-    return torch.compile(step) if compile else step
+    return torch.compile(step, dynamic=False) if compile else step
 
 
 def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check_every=50):
     """One pass over the shuffled training images; returns the mean training loss (nats per image).
 
-    The running sum stays on the device; it is read back only every `check_every` steps, to stop at the
-    first non-finite loss (NonFiniteLoss(step)) without a host synchronisation per step.
+    Each step's loss is written into a tensor on the device; it is read back only every `check_every`
+    steps, to stop at the first non-finite loss (NonFiniteLoss(step)) without a host synchronisation
+    per step.
     """
-    device = images.device
-    total = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    n_steps = math.ceil(images.shape[0] / batch_size)
-    for i, x in enumerate(batches(images, batch_size, shuffle=True, dynamic_binarize=dynamic_binarize), 1):
-        loss = step(x)
-        total += loss * x.shape[0]
-        first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
-        if i % check_every == 0 or i == n_steps:
-            if first_bad.item() >= 0:
-                raise NonFiniteLoss(first_bad.item())
+    n = images.shape[0]
+    n_steps = math.ceil(n / batch_size)
+    losses = torch.empty(n_steps, device=images.device)
+    checked = 0
+    for i, x in enumerate(batches(images, batch_size, shuffle=True, dynamic_binarize=dynamic_binarize)):
+        losses[i] = step(x)
+        if (i + 1) % check_every == 0 or i + 1 == n_steps:
+            finite = torch.isfinite(losses[checked : i + 1])
+            if not finite.all():
+                raise NonFiniteLoss(checked + 1 + int((~finite).nonzero()[0]))  # 1-based step
+            checked = i + 1
         if progress is not None:
             progress.update(1)
-    return total / images.shape[0]
-
+    # Every batch holds batch_size images but the last, which holds the rest.
+    weights = torch.full((n_steps,), float(batch_size), device=images.device)
+    weights[-1] = n - batch_size * (n_steps - 1)
+    return (losses * weights).sum() / n
 
 def build_parser():
     defaults, model_defaults = TrainConfig(), VAEConfig()
@@ -139,11 +143,6 @@ def add_model_args(p, defaults):
 
 def model_config_from_args(args):
     return VAEConfig(args.latent_dim, args.arch, args.hidden_dims, args.activation, args.likelihood)
-
-
-def fail(message, code=1):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main(argv=None):

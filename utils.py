@@ -3,13 +3,14 @@
 import argparse
 import os
 import pickle
+import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from data import batches
+from data import BINARIZE_CHOICES, batches
 from model import VAE, VAEConfig
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -21,6 +22,12 @@ EVAL_SEED = 1234
 
 class CheckpointError(Exception):
     """The checkpoint cannot be used; the message says why and what to do."""
+
+
+def fail(message):
+    """Stop a script on bad input: one line on stderr, exit status 1, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -131,6 +138,18 @@ def load_checkpoint(path, device="cpu"):
     if unknown or missing:
         which = ", ".join([f"unknown field {name!r}" for name in unknown] + [f"missing field {name!r}" for name in missing])
         raise CheckpointError(f"{path}: model_config does not fit this version's VAEConfig ({which})")
+    # Every script prepares the data as training did, so these settings of the run must be there too.
+    train_config = state["train_config"]
+    if (
+        not isinstance(train_config, dict)
+        or train_config.get("binarize") not in BINARIZE_CHOICES
+        or not isinstance(train_config.get("data_dir"), str)
+        or not isinstance(train_config.get("beta"), (int, float))
+    ):
+        raise CheckpointError(
+            f"{path}: its train_config must hold binarize (one of {', '.join(BINARIZE_CHOICES)}), data_dir and "
+            f"beta; was it written by train.py?"
+        )
     try:
         model = VAE(VAEConfig(**config))
         model.load_state_dict(state["model"])
@@ -157,3 +176,9 @@ def test_elbo(model, images, batch_size=1000):
         kl_sum += kl.sum()
     n = images.shape[0]
     return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
+
+
+@torch.inference_mode()
+def posterior_means(model, images, batch_size=1000):
+    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim), in batches to bound memory."""
+    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])

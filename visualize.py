@@ -8,7 +8,6 @@ continuous-Bernoulli one, and shows why a CB decoder's images are displayed as i
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,38 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from data import DataError, batches, load_mnist, load_test_set  # noqa: E402
-from utils import CheckpointError, add_device_arg, load_checkpoint, pick_device  # noqa: E402
+from data import DataError, load_mnist, load_test_set  # noqa: E402
+from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, posterior_means  # noqa: E402
 
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 N_RECONSTRUCTIONS = 10
 SAMPLES_SIDE = 10
 SAMPLE_SEED = 0  # the prior samples are drawn from this seed, so a figure is the same on every run
-ENCODE_BATCH = 1000
 DPI = 120
 COMPARE_FILE = "compare_bernoulli_cb.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
-TRAIN_KEYS = {"data_dir", "binarize", "beta"}  # of a checkpoint's train_config, the ones used here
 LOG_KEYS = {"epoch", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def load(path, device):
-    """(state, model) of a checkpoint, with the training settings the figures use checked too.
-
-    utils.load_checkpoint validates the model part only; the test set must be prepared as in training,
-    which needs train_config's data_dir and binarize (and beta labels the training curve).
-    """
-    state, model = load_checkpoint(path, device)
-    config = state["train_config"]
-    if not isinstance(config, dict) or not TRAIN_KEYS <= config.keys():
-        needed = ", ".join(sorted(TRAIN_KEYS))
-        raise CheckpointError(f"{path}: its train_config must hold {needed}; was it written by train.py?")
-    return state, model
 
 
 # --------------------------------------------------------------------------------------------- latent geometry
@@ -106,12 +84,6 @@ def latent_plane(mu):
 
 
 # --------------------------------------------------------------------------------------------- model passes
-
-
-@torch.inference_mode()
-def posterior_means(model, images):
-    """mu of q(z|x) for every image: (N, 1, 28, 28) -> (N, d), in batches to bound memory."""
-    return torch.cat([model.encode(x)[0] for x in batches(images, ENCODE_BATCH)])
 
 
 @torch.inference_mode()
@@ -289,7 +261,7 @@ def plot_compare(bernoulli, cb, data_dirs, device, path):
 
 def load_for_compare(paths, data_dir, device):
     """Both checkpoints, checked to be a Bernoulli and a CB model in that order, and the data dir of each."""
-    loaded = [load(path, device) for path in paths]
+    loaded = [load_checkpoint(path, device) for path in paths]
     for (_, model), path, expected in zip(loaded, paths, ("bernoulli", "cb")):
         if model.config.likelihood != expected:
             raise CheckpointError(
@@ -343,7 +315,7 @@ def main(argv=None):
             plots_dir.mkdir(parents=True, exist_ok=True)
             plot_compare(bernoulli, cb, data_dirs, device, plots_dir / COMPARE_FILE)
         else:
-            state, model = load(args.checkpoint, device)
+            state, model = load_checkpoint(args.checkpoint, device)
             plots_dir.mkdir(parents=True, exist_ok=True)
             data_dir = args.data_dir or state["train_config"]["data_dir"]
             log_path = Path(args.checkpoint).parent / "log.jsonl"  # train.py writes it beside ckpt.pt

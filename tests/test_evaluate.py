@@ -12,6 +12,7 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Nor
 
 import evaluate
 import train
+import utils
 from data import DataError, load_test_set
 from model import VAE, VAEConfig
 from utils import load_checkpoint
@@ -164,7 +165,7 @@ def test_active_units_counts_dims_with_posterior_mean_variance_above_0_01():
 @torch.inference_mode()
 def test_posterior_means_are_the_encoder_means_in_batches():
     model, images = random_vae(), random_images(7, "bernoulli")
-    torch.testing.assert_close(evaluate.posterior_means(model, images, batch_size=3), model.encode(images)[0])
+    torch.testing.assert_close(utils.posterior_means(model, images, batch_size=3), model.encode(images)[0])
 
 
 def brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors):
@@ -310,7 +311,7 @@ def test_checkpoint_without_its_binarization_is_a_one_line_error(evaluated, tmp_
     state = torch.load(evaluated["mlp-bernoulli"][0], weights_only=True)
     state["train_config"]["binarize"] = "sometimes"
     torch.save(state, tmp_path / "ckpt.pt")
-    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "binarized")
+    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "binarize (one of")
 
 
 def test_json_into_a_missing_folder_is_a_usage_error(tmp_path):

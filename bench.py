@@ -1,0 +1,259 @@
+"""Training speed, measured side by side in one process: `python bench.py --device cpu --json bench.json`.
+
+Three numbers per epoch (one pass over the 60000 training images plus one over the 10000 test images):
+  ours      train.py's loop (train.train_epoch + utils.test_elbo): data resident on the device, batches
+            by index, fused Adam, no host synchronisation per step;
+  baseline  the conventional loop of pytorch/examples' vae: DataLoader over torchvision's MNIST with
+            ToTensor, one .item() per step, the same model, loss and batch size;
+  bound     the model's matrix-multiply FLOPs (forward, and backward for training) at the rate that
+            torch.mm reaches on this machine, measured now at exactly the layer shapes of an epoch:
+            what an epoch would take if nothing but its GEMMs cost time.
+Also the k-sample importance-weighted evaluation throughput of evaluate.py's estimator.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision.transforms import ToTensor
+
+import train
+from data import DataError, ensure_mnist, load_test_set, load_train_set, resolve_binarize
+from model import VAE, VAEConfig
+from utils import add_device_arg, pick_device, positive_int, test_elbo
+
+# pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
+EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
+TEST_BATCH_SIZE = 1000  # utils.test_elbo's default
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+# --------------------------------------------------------------------------------------------- the loops
+
+
+def our_epoch(model, step, train_images, test_images, batch_size, dynamic):
+    model.train()
+    train_loss = train.train_epoch(step, train_images, batch_size, dynamic)
+    model.eval()
+    test_loss, _, _ = test_elbo(model, test_images)
+    return train_loss.item(), test_loss.item()
+
+
+def baseline_epoch(model, optimizer, train_loader, test_loader, device):
+    """pytorch/examples/vae/main.py's train() and test(), with this repo's model and loss."""
+    model.train()
+    train_loss = 0.0
+    for x, _ in train_loader:
+        x = x.to(device)
+        optimizer.zero_grad()
+        loss, _, _ = model.loss(x)
+        loss.backward()
+        train_loss += loss.item() * x.shape[0]
+        optimizer.step()
+    model.eval()
+    test_loss = 0.0
+    with torch.no_grad():
+        for x, _ in test_loader:
+            loss, _, _ = model.loss(x.to(device))
+            test_loss += loss.item() * x.shape[0]
+    return train_loss / len(train_loader.dataset), test_loss / len(test_loader.dataset)
+
+
+# --------------------------------------------------------------------------------------------- GEMM bound
+
+
+def gemm_plan(model, n_train, n_test, batch_size):
+    """The matrix products of one epoch, as [(m, k, n, transposed operand, repeats)], in autograd's layouts.
+
+    A Linear layer (weight W: n_out x n_in) on a batch of B does, forward, x @ W.T (B x n_in)(n_in x n_out);
+    backward, the weight gradient gy.T @ x (n_out x B)(B x n_in) and, except in the first layer, whose input
+    needs no gradient, the input gradient gy @ W (B x n_out)(n_out x n_in). The test pass does the forward
+    products only.
+    """
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    plan = []
+    for batch, count, training in (
+        *[(b, c, True) for b, c in batch_counts(n_train, batch_size)],
+        *[(b, c, False) for b, c in batch_counts(n_test, TEST_BATCH_SIZE)],
+    ):
+        for layer, (n_in, n_out) in enumerate(shapes):
+            plan.append((batch, n_in, n_out, "b", count))  # x @ W.T
+            if training:
+                plan.append((n_out, batch, n_in, "a", count))  # gy.T @ x
+                if layer > 0:
+                    plan.append((batch, n_out, n_in, "", count))  # gy @ W
+    return plan
+
+
+def gemm_epoch(plan, device):
+    """A function that runs every product of the plan, operands allocated once and outputs written in place:
+    an epoch's GEMMs and nothing else. Also returns their FLOPs."""
+    operands = {}
+    for m, k, n, transposed, _ in plan:
+        if (m, k, n, transposed) not in operands:
+            a = torch.randn(k, m, device=device).T if transposed == "a" else torch.randn(m, k, device=device)
+            b = torch.randn(n, k, device=device).T if transposed == "b" else torch.randn(k, n, device=device)
+            operands[(m, k, n, transposed)] = (a, b, torch.empty(m, n, device=device))
+
+    def epoch():
+        for m, k, n, transposed, repeats in plan:
+            a, b, out = operands[(m, k, n, transposed)]
+            for _ in range(repeats):
+                torch.mm(a, b, out=out)
+
+    return epoch, sum(2 * m * k * n * repeats for m, k, n, _, repeats in plan)
+
+
+def batch_counts(n, batch_size):
+    """[(batch size, how many batches of it)] for one pass over n images."""
+    full, rest = divmod(n, batch_size)
+    return [(batch_size, full)] + ([(rest, 1)] if rest else [])
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_model_args(p, EXAMPLES_CONFIG)
+    add_device_arg(p)
+    p.add_argument("--epochs", type=positive_int, default=3, help="timed epochs of each, after one warm-up epoch")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--binarize", choices=("none", "dynamic", "auto"), default="none",
+                   help="none: the k/255 pixels, as pytorch/examples")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile our training step")
+    p.add_argument("--eval-k", type=positive_int, default=5000, help="importance samples for the evaluation timing")
+    p.add_argument("--eval-images", type=positive_int, default=100, help="test images for the evaluation timing")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--json", help="write the results here")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    config = train.model_config_from_args(args)
+    dynamic = resolve_binarize(args.binarize, config.likelihood) == "dynamic"
+    try:
+        ensure_mnist(args.data_dir)
+        train_images, _ = load_train_set(args.data_dir, device)
+        test_images, _ = load_test_set(args.data_dir, args.binarize, config.likelihood, device)
+    except DataError as e:
+        parser.exit(1, f"error: {e}\n")
+    n_train, n_test = train_images.shape[0], test_images.shape[0]
+    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"model: {config}, batch {args.batch_size}, binarize: {'dynamic' if dynamic else 'none'}")
+
+    # Ours: the very functions train.py runs.
+    torch.manual_seed(0)
+    model = VAE(config).to(device)
+    step = train.make_train_step(model, train.make_optimizer(model, train.TrainConfig()), 1.0, args.compile)
+    run_ours = lambda: our_epoch(model, step, train_images, test_images, args.batch_size, dynamic)  # noqa: E731
+
+    # Baseline: pytorch/examples' loop, on a model of the same configuration with the same loss.
+    baseline_model = VAE(config).to(device)
+    optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)
+    loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
+    train_loader, test_loader = (
+        DataLoader(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()),
+                   batch_size=args.batch_size, shuffle=split, **loader_kwargs)
+        for split in (True, False)
+    )  # fmt: skip
+    run_baseline = lambda: baseline_epoch(baseline_model, optimizer, train_loader, test_loader, device)  # noqa: E731
+
+    run_gemms, epoch_flops = gemm_epoch(gemm_plan(model, n_train, n_test, args.batch_size), device)
+
+    # One warm-up epoch of each (compilation included), then the three in turn, so that a slow spell of
+    # the machine hits them alike; each keeps its fastest epoch, the least disturbed one.
+    runs = {"ours": run_ours, "baseline": run_baseline, "bound": run_gemms}
+    seconds = {name: [] for name in runs}
+    for round_ in range(args.epochs + 1):
+        for name, run in runs.items():
+            elapsed, _ = timed(run, device)
+            if round_ > 0:
+                seconds[name].append(elapsed)
+    eval_images_per_s = eval_throughput(model, test_images[: args.eval_images], args.eval_k, device)
+
+    ours_s, baseline_s, bound_seconds = (min(seconds[name]) for name in runs)
+    results = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model_config": {**config.__dict__, "hidden_dims": list(config.hidden_dims)},
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "epochs_timed": args.epochs,
+        "seconds_each_epoch": seconds,
+        "seconds_per_epoch": ours_s,
+        "baseline_seconds_per_epoch": baseline_s,
+        "gemm_bound_seconds_per_epoch": bound_seconds,
+        "images_per_s": n_train / ours_s,
+        "baseline_images_per_s": n_train / baseline_s,
+        "gemm_bound_images_per_s": n_train / bound_seconds,
+        "speedup": baseline_s / ours_s,
+        "gemm_bound_fraction": bound_seconds / ours_s,
+        "gemm_gflop_per_epoch": epoch_flops / 1e9,
+        "gemm_gflop_per_s": epoch_flops / bound_seconds / 1e9,
+        "eval_k": args.eval_k,
+        "eval_images_per_s": eval_images_per_s,
+    }
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+def eval_throughput(model, images, k, device):
+    """Test images per second of the k-sample importance-weighted bound (evaluate.py's estimator)."""
+    from evaluate import iwae_nll  # noqa: PLC0415 (keeps bench importable on its own for --help)
+
+    model.eval()
+    seconds, _ = timed(lambda: iwae_nll(model, images, k), device)
+    return images.shape[0] / seconds
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def print_table(r):
+    n = 60000
+    rows = [
+        ("ours (train.py's loop)", r["seconds_per_epoch"]),
+        ("baseline (DataLoader, .item() per step)", r["baseline_seconds_per_epoch"]),
+        ("GEMM bound (matmul FLOPs / measured rate)", r["gemm_bound_seconds_per_epoch"]),
+    ]
+    print(f"\n{'per epoch (60k train + 10k test images)':44s} {'s/epoch':>8s} {'images/s':>10s}")
+    for name, s in rows:
+        print(f"{name:44s} {s:8.3f} {n / s:10.0f}")
+    print(f"speedup over baseline: {r['speedup']:.2f}x;  fraction of GEMM bound: {r['gemm_bound_fraction']:.2f} "
+          f"({r['gemm_gflop_per_epoch']:.0f} GFLOP at {r['gemm_gflop_per_s']:.0f} GFLOP/s)")  # fmt: skip
+    print(f"evaluation, k={r['eval_k']}: {r['eval_images_per_s']:.1f} test images/s")
+
+
+if __name__ == "__main__":
+    main()
