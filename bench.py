@@ -13,16 +13,25 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 
 import argparse
 import json
+import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import ToTensor
 
 import train
-from data import DataError, ensure_mnist, load_test_set, load_train_set, resolve_binarize
+from data import (
+    DataError,
+    ensure_mnist,
+    load_test_set,
+    load_train_set,
+    resolve_binarize,
+)
+from evaluate import iwae_nll
 from model import VAE, VAEConfig
 from utils import add_device_arg, pick_device, positive_int, test_elbo
 
@@ -143,6 +152,7 @@ def build_parser():
     p.add_argument("--eval-k", type=positive_int, default=5000, help="importance samples for the evaluation timing")
     p.add_argument("--eval-images", type=positive_int, default=100, help="test images for the evaluation timing")
     p.add_argument("--data-dir", default="data")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N train and test images (for tests)")
     p.add_argument("--json", help="write the results here")
     return p
 
@@ -155,8 +165,8 @@ def main(argv=None):
     dynamic = resolve_binarize(args.binarize, config.likelihood) == "dynamic"
     try:
         ensure_mnist(args.data_dir)
-        train_images, _ = load_train_set(args.data_dir, device)
-        test_images, _ = load_test_set(args.data_dir, args.binarize, config.likelihood, device)
+        train_images, _ = load_train_set(args.data_dir, device, args.limit)
+        test_images, _ = load_test_set(args.data_dir, args.binarize, config.likelihood, device, args.limit)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
     n_train, n_test = train_images.shape[0], test_images.shape[0]
@@ -174,9 +184,9 @@ def main(argv=None):
     optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)
     loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
     train_loader, test_loader = (
-        DataLoader(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()),
+        DataLoader(Subset(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()), range(n)),
                    batch_size=args.batch_size, shuffle=split, **loader_kwargs)
-        for split in (True, False)
+        for split, n in ((True, n_train), (False, n_test))
     )  # fmt: skip
     run_baseline = lambda: baseline_epoch(baseline_model, optimizer, train_loader, test_loader, device)  # noqa: E731
 
@@ -201,6 +211,8 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "model_config": {**config.__dict__, "hidden_dims": list(config.hidden_dims)},
         "batch_size": args.batch_size,
+        "n_train": n_train,
+        "n_test": n_test,
         "compile": args.compile,
         "epochs_timed": args.epochs,
         "seconds_each_epoch": seconds,
@@ -227,8 +239,6 @@ def main(argv=None):
 
 def eval_throughput(model, images, k, device):
     """Test images per second of the k-sample importance-weighted bound (evaluate.py's estimator)."""
-    from evaluate import iwae_nll  # noqa: PLC0415 (keeps bench importable on its own for --help)
-
     model.eval()
     seconds, _ = timed(lambda: iwae_nll(model, images, k), device)
     return images.shape[0] / seconds
@@ -237,19 +247,24 @@ def eval_throughput(model, images, k, device):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def print_table(r):
-    n = 60000
     rows = [
-        ("ours (train.py's loop)", r["seconds_per_epoch"]),
-        ("baseline (DataLoader, .item() per step)", r["baseline_seconds_per_epoch"]),
-        ("GEMM bound (matmul FLOPs / measured rate)", r["gemm_bound_seconds_per_epoch"]),
+        ("ours (train.py's loop)", r["seconds_per_epoch"], r["images_per_s"]),
+        ("baseline (DataLoader, .item() per step)", r["baseline_seconds_per_epoch"], r["baseline_images_per_s"]),
+        ("GEMM bound (matmul FLOPs / measured rate)", r["gemm_bound_seconds_per_epoch"], r["gemm_bound_images_per_s"]),
     ]
-    print(f"\n{'per epoch (60k train + 10k test images)':44s} {'s/epoch':>8s} {'images/s':>10s}")
-    for name, s in rows:
-        print(f"{name:44s} {s:8.3f} {n / s:10.0f}")
+    header = f"per epoch ({r['n_train']} train + {r['n_test']} test images)"
+    print(f"\n{header:44s} {'s/epoch':>8s} {'images/s':>10s}")
+    for name, seconds, images_per_s in rows:
+        print(f"{name:44s} {seconds:8.3f} {images_per_s:10.0f}")
     print(f"speedup over baseline: {r['speedup']:.2f}x;  fraction of GEMM bound: {r['gemm_bound_fraction']:.2f} "
           f"({r['gemm_gflop_per_epoch']:.0f} GFLOP at {r['gemm_gflop_per_s']:.0f} GFLOP/s)")  # fmt: skip
     print(f"evaluation, k={r['eval_k']}: {r['eval_images_per_s']:.1f} test images/s")

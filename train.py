@@ -79,7 +79,12 @@ def make_train_step(model, optimizer, beta, compile=False):
         optimizer.step()
         return loss.detach()
 
-    return torch.compile(step, dynamic=False) if compile else step
+    if not compile:
+        return step
+    # Inductor otherwise draws random numbers with its own generator: with fallback_random the compiled
+    # step draws the very eps (and binarizations) of the plain one, so a seed gives the same run either way.
+    torch._inductor.config.fallback_random = True
+    return torch.compile(step, dynamic=False)  # static shapes: the last, smaller batch gets its own graph
 
 
 def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check_every=50):
