@@ -65,7 +65,7 @@ def int_list(text):
 
 def add_device_arg(parser):
     parser.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="auto: cuda, else mps, else cpu (default: auto)"
+        "--device", default="auto", choices=DEVICE_CHOICES, help="auto picks cuda, else mps, else cpu"
     )
 
 
