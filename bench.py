@@ -152,7 +152,7 @@ def build_parser():
     p.add_argument("--eval-k", type=positive_int, default=5000, help="importance samples for the evaluation timing")
     p.add_argument("--eval-images", type=positive_int, default=100, help="test images for the evaluation timing")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N train and test images (for tests)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N train and test images")
     p.add_argument("--json", help="write the results here")
     return p
 

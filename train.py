@@ -119,7 +119,7 @@ def build_parser():
     add_model_args(p, model_defaults)
     p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="total epochs (with --resume too)")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate (initial, for --schedule iwae)")
+    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam's learning rate (the initial one)")
     p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                    help="iwae: Burda et al.'s lr decay, 3280 epochs in 8 stages, Adam eps 1e-4")  # fmt: skip
     p.add_argument("--binarize", choices=BINARIZE_CHOICES, default=defaults.binarize,
@@ -130,8 +130,9 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--data-dir", default=defaults.data_dir)
     p.add_argument("--out-dir", default=defaults.out_dir)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir up to --epochs total; model and training settings come from its "
-                        "checkpoint (only --epochs, --data-dir, --device and --compile apply)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir up to --epochs in all; the run's settings come from its "
+                        "checkpoint (only --epochs, --data-dir, --device and --compile apply)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out-dir")
     add_device_arg(p)
     return p

@@ -136,7 +136,7 @@ def load_checkpoint(path, device="cpu"):
     known = {f.name for f in fields(VAEConfig)}
     unknown, missing = sorted(set(config) - known), sorted(known - set(config))
     if unknown or missing:
-        which = ", ".join([f"unknown field {name!r}" for name in unknown] + [f"missing field {name!r}" for name in missing])
+        which = ", ".join([f"unknown field {n!r}" for n in unknown] + [f"missing field {n!r}" for n in missing])
         raise CheckpointError(f"{path}: model_config does not fit this version's VAEConfig ({which})")
     # Every script prepares the data as training did, so these settings of the run must be there too.
     train_config = state["train_config"]
