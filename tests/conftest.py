@@ -11,7 +11,7 @@ DATA_DIR = ROOT / "data"
 
 @pytest.fixture(scope="session")
 def data_dir():
-    """The real MNIST files (.ci/run places them under data/MNIST/raw/); tests that need them skip no further."""
+    """The real MNIST files, verified once per session (.ci/run places them under data/MNIST/raw/)."""
     from data import ensure_mnist
 
     ensure_mnist(DATA_DIR)
