@@ -33,7 +33,7 @@ from data import (
 )
 from evaluate import iwae_nll
 from model import VAE, VAEConfig
-from utils import add_device_arg, pick_device, positive_int, test_elbo
+from utils import add_device_arg, fail, pick_device, positive_int, test_elbo
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
 EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
@@ -168,7 +168,7 @@ def main(argv=None):
         train_images, _ = load_train_set(args.data_dir, device, args.limit)
         test_images, _ = load_test_set(args.data_dir, args.binarize, config.likelihood, device, args.limit)
     except DataError as e:
-        parser.exit(1, f"error: {e}\n")
+        fail(str(e))
     n_train, n_test = train_images.shape[0], test_images.shape[0]
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {config}, batch {args.batch_size}, binarize: {'dynamic' if dynamic else 'none'}")

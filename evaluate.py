@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import DataError, batches, load_mnist, load_test_set, resolve_binarize
+from data import DataError, batches, load_scored_split, load_test_set
 from model import N_PIXELS
 from utils import (
     CheckpointError,
@@ -42,8 +42,6 @@ N_CLASSES = 10
 # 2^25, the importance sampling took 1.6 times as long on a 2-core CPU, much of it in the kernel).
 BLOCK_ELEMENTS = 2**22
 BATCH_SIZE = 500  # test images per batch, the default of --batch-size
-# For dynamic binarization the kNN reference (the training images) is binarized once, with this seed.
-TRAIN_BINARIZATION_SEED = 0
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -97,12 +95,8 @@ def knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors
 
 
 def load_reference_set(data_dir, binarize, likelihood, device):
-    """All 60000 training images as the model was trained on them: pixels k/255, or, for dynamic
-    binarization, one fixed binary draw (TRAIN_BINARIZATION_SEED), like the test split (data.load_test_set)."""
-    images, labels = load_mnist(data_dir, train=True)
-    if resolve_binarize(binarize, likelihood) == "dynamic":
-        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(TRAIN_BINARIZATION_SEED))
-    return images.to(device), labels.to(device)
+    """All 60000 training images as the model was trained on them (k/255, or one fixed binary draw)."""
+    return load_scored_split(data_dir, True, binarize, likelihood, device)
 
 
 # --------------------------------------------------------------------------------------------- script
