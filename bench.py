@@ -1,7 +1,7 @@
 """Training speed, measured side by side in one process: `python bench.py --device cpu --json bench.json`.
 
 Three numbers per epoch (one pass over the 60000 training images plus one over the 10000 test images):
-  ours      train.py's loop (train.train_epoch + utils.test_elbo): data resident on the device, batches
+  ours      train.py's loop (train.train_epoch + evaluate.mean_neg_elbo): data resident on the device, batches
             by index, fused Adam, no host synchronisation per step;
   baseline  the conventional loop of pytorch/examples' vae: DataLoader over torchvision's MNIST with
             ToTensor, one .item() per step, the same model, loss and batch size;
@@ -24,20 +24,14 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import ToTensor
 
 import train
-from data import (
-    DataError,
-    ensure_mnist,
-    load_test_set,
-    load_train_set,
-    resolve_binarize,
-)
-from evaluate import iwae_nll
+from data import PIXELS, DataError, ensure_mnist, load_test_set, load_train_set, resolve_pixels
+from evaluate import iwae_nll, mean_neg_elbo
 from model import VAE, VAEConfig
-from utils import add_device_arg, fail, pick_device, positive_int, test_elbo
+from utils import add_config_args, add_device_arg, config_from_args, fail, pick_device, positive_int
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
 EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
-TEST_BATCH_SIZE = 1000  # utils.test_elbo's default
+TEST_BATCH_SIZE = 1000  # evaluate.mean_neg_elbo's default
 
 
 def synchronize(device):
@@ -58,11 +52,11 @@ def timed(fn, device):
 # --------------------------------------------------------------------------------------------- the loops
 
 
-def our_epoch(model, step, train_images, test_images, batch_size, dynamic):
+def our_epoch(model, step, train_images, test_images, config):
     model.train()
-    train_loss = train.train_epoch(step, train_images, batch_size, dynamic)
+    train_loss = train.train_epoch(step, train_images, config.batch_size, config.pixels)
     model.eval()
-    test_loss, _, _ = test_elbo(model, test_images)
+    test_loss, _, _ = mean_neg_elbo(model, test_images)
     return train_loss.item(), test_loss.item()
 
 
@@ -73,7 +67,7 @@ def baseline_epoch(model, optimizer, train_loader, test_loader, device):
     for x, _ in train_loader:
         x = x.to(device)
         optimizer.zero_grad()
-        loss, _, _ = model.loss(x)
+        loss, _ = model.loss(x)
         loss.backward()
         train_loss += loss.item() * x.shape[0]
         optimizer.step()
@@ -81,7 +75,7 @@ def baseline_epoch(model, optimizer, train_loader, test_loader, device):
     test_loss = 0.0
     with torch.no_grad():
         for x, _ in test_loader:
-            loss, _, _ = model.loss(x.to(device))
+            loss, _ = model.loss(x.to(device))
             test_loss += loss.item() * x.shape[0]
     return train_loss / len(train_loader.dataset), test_loss / len(test_loader.dataset)
 
@@ -142,12 +136,11 @@ def batch_counts(n, batch_size):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_model_args(p, EXAMPLES_CONFIG)
+    add_config_args(p, VAEConfig, "model", defaults=EXAMPLES_CONFIG)
     add_device_arg(p)
     p.add_argument("--epochs", type=positive_int, default=3, help="timed epochs of each, after one warm-up epoch")
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--binarize", choices=("none", "dynamic", "auto"), default="none",
-                   help="none: the k/255 pixels, as pytorch/examples")  # fmt: skip
+    p.add_argument("--pixels", choices=PIXELS, default="grey", help="grey: the k/255 pixels, as pytorch/examples")
     p.add_argument("--compile", action="store_true", help="torch.compile our training step")
     p.add_argument("--eval-k", type=positive_int, default=5000, help="importance samples for the evaluation timing")
     p.add_argument("--eval-images", type=positive_int, default=100, help="test images for the evaluation timing")
@@ -161,33 +154,38 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
-    config = train.model_config_from_args(args)
-    dynamic = resolve_binarize(args.binarize, config.likelihood) == "dynamic"
+    config = config_from_args(VAEConfig, args)
+    pixels = resolve_pixels(args.pixels, config.likelihood)
+    train_config = train.TrainConfig(batch_size=args.batch_size, pixels=pixels, compile=args.compile)
     try:
         ensure_mnist(args.data_dir)
         train_images, _ = load_train_set(args.data_dir, device, args.limit)
-        test_images, _ = load_test_set(args.data_dir, args.binarize, config.likelihood, device, args.limit)
+        test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)
     except DataError as e:
         fail(str(e))
     n_train, n_test = train_images.shape[0], test_images.shape[0]
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: {config}, batch {args.batch_size}, binarize: {'dynamic' if dynamic else 'none'}")
+    print(f"model: {config}, batch {args.batch_size}, pixels: {pixels}")
 
     # Ours: the very functions train.py runs.
     torch.manual_seed(0)
     model = VAE(config).to(device)
-    step = train.make_train_step(model, train.make_optimizer(model, train.TrainConfig()), 1.0, args.compile)
-    run_ours = lambda: our_epoch(model, step, train_images, test_images, args.batch_size, dynamic)  # noqa: E731
+    step = train.make_train_step(model, train.make_optimizer(model, train_config), train_config)
+    run_ours = lambda: our_epoch(model, step, train_images, test_images, train_config)  # noqa: E731
 
     # Baseline: pytorch/examples' loop, on a model of the same configuration with the same loss.
     baseline_model = VAE(config).to(device)
     optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)
     loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
     train_loader, test_loader = (
-        DataLoader(Subset(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()), range(n)),
-                   batch_size=args.batch_size, shuffle=split, **loader_kwargs)
+        DataLoader(
+            Subset(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()), range(n)),
+            batch_size=args.batch_size,
+            shuffle=split,
+            **loader_kwargs,
+        )
         for split, n in ((True, n_train), (False, n_test))
-    )  # fmt: skip
+    )
     run_baseline = lambda: baseline_epoch(baseline_model, optimizer, train_loader, test_loader, device)  # noqa: E731
 
     run_gemms, epoch_flops = gemm_epoch(gemm_plan(model, n_train, n_test, args.batch_size), device)
@@ -265,8 +263,10 @@ def print_table(r):
     print(f"\n{header:44s} {'s/epoch':>8s} {'images/s':>10s}")
     for name, seconds, images_per_s in rows:
         print(f"{name:44s} {seconds:8.3f} {images_per_s:10.0f}")
-    print(f"speedup over baseline: {r['speedup']:.2f}x;  fraction of GEMM bound: {r['gemm_bound_fraction']:.2f} "
-          f"({r['gemm_gflop_per_epoch']:.0f} GFLOP at {r['gemm_gflop_per_s']:.0f} GFLOP/s)")  # fmt: skip
+    print(
+        f"speedup over baseline: {r['speedup']:.2f}x;  fraction of GEMM bound: {r['gemm_bound_fraction']:.2f} "
+        f"({r['gemm_gflop_per_epoch']:.0f} GFLOP at {r['gemm_gflop_per_s']:.0f} GFLOP/s)"
+    )
     print(f"evaluation, k={r['eval_k']}: {r['eval_images_per_s']:.1f} test images/s")
 
 

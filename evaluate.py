@@ -3,7 +3,8 @@
 Reports, averaged over the test images:
   -ELBO           the training objective, with one z ~ q(z|x) per image (Kingma & Welling 2014, eq. (10));
   -log p(x)       estimated with k importance samples: the k-sample bound of Burda et al. (2016), eq. (8),
-                  with k = 5000 as in their Section 5.1; also in bits per pixel;
+                  with k = 5000 as in their Section 5.1; also in bits per pixel, and, for a model of
+                  dequantized pixels, as a bound on the 8-bit images' negative log-likelihood;
 and, from the posterior means:
   active units    latent dims whose posterior mean varies across the test images (Burda et al., Section 5.2);
   15-NN accuracy  digit classification, with the training images as the reference set (the measure
@@ -18,18 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import DataError, batches, load_scored_split, load_test_set
+from data import ELBO_NOISE_SEED, IMPORTANCE_SEED, DataError, batches, load_scored_split, load_test_set
 from model import N_PIXELS
-from utils import (
-    CheckpointError,
-    add_device_arg,
-    fail,
-    load_checkpoint,
-    pick_device,
-    positive_int,
-    posterior_means,
-    test_elbo,
-)
+from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, positive_int
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -47,6 +39,35 @@ BATCH_SIZE = 500  # test images per batch, the default of --batch-size
 # --------------------------------------------------------------------------------------------- measures
 
 
+@torch.inference_mode()
+def mean_neg_elbo(model, images, batch_size=1000):
+    """Mean -ELBO over `images` and its two terms (recon, kl), nats per image, one z per image drawn from
+    ELBO_NOISE_SEED: every epoch, run and script scores with the same noise, and never touches the training
+    random stream. Returns 0-dim tensors on the images' device: no host synchronisation here.
+    """
+    generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
+    recon_sum = torch.zeros((), device=images.device)
+    kl_sum = torch.zeros((), device=images.device)
+    for x in batches(images, batch_size):
+        recon, kl = model.elbo_terms(x, generator)
+        recon_sum += recon.sum()
+        kl_sum += kl.sum()
+    n = images.shape[0]
+    return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
+
+
+def mean_neg_iwae_bound(model, images, k, batch_size=BATCH_SIZE):
+    """Mean -L_k over `images`, nats per image, with samples drawn from ELBO_NOISE_SEED (a 0-dim tensor)."""
+    generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
+    return -log_likelihood_estimates(model, images, k, batch_size, generator).mean()
+
+
+@torch.inference_mode()
+def posterior_means(model, images, batch_size=1000):
+    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim), in batches to bound memory."""
+    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
+
+
 def samples_per_chunk(k, batch_size):
     """How many of the k importance samples to draw at once for a batch of images (BLOCK_ELEMENTS)."""
     return max(1, min(k, BLOCK_ELEMENTS // (batch_size * N_PIXELS)))
@@ -62,9 +83,15 @@ def log_likelihood_estimates(model, images, k, batch_size, generator=None, progr
     n_batches = math.ceil(images.shape[0] / batch_size)
     estimates = [
         model.iwae_bound(x, k, chunk, generator)  # (B,)
-        for x in tqdm(batches(images, batch_size), total=n_batches, desc=f"log p(x), k={k}", unit="batch",
-                      leave=False, disable=not progress)
-    ]  # fmt: skip
+        for x in tqdm(
+            batches(images, batch_size),
+            total=n_batches,
+            desc=f"log p(x), k={k}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+        )
+    ]
     return torch.cat(estimates)
 
 
@@ -94,9 +121,16 @@ def knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors
     return correct / queries.shape[0]
 
 
-def load_reference_set(data_dir, binarize, likelihood, device):
-    """All 60000 training images as the model was trained on them (k/255, or one fixed binary draw)."""
-    return load_scored_split(data_dir, True, binarize, likelihood, device)
+def load_reference_set(data_dir, pixels, device):
+    """All 60000 training images as the model was trained on them, presented once (load_scored_split)."""
+    return load_scored_split(data_dir, True, pixels, device)
+
+
+def bits_per_dim_8bit(nll):
+    """A negative log-density of dequantized images x = (k + u)/256, turned into a bound on the negative
+    log-likelihood of the 8-bit images k, in bits per pixel: -log P(k) <= -E_u log p((k + u)/256) + 784 log 256
+    (Theis, van den Oord & Bethge 2016, Section 3.1; the bin width 1/256 gives the 784 log 256)."""
+    return (nll + N_PIXELS * math.log(256)) / (N_PIXELS * math.log(2))
 
 
 # --------------------------------------------------------------------------------------------- script
@@ -105,12 +139,22 @@ def load_reference_set(data_dir, binarize, likelihood, device):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="out/ckpt.pt", help="written by train.py (default: %(default)s)")
-    p.add_argument("--k", type=positive_int, default=5000,
-                   help="importance samples per image for -log p(x) (default: %(default)s, as Burda et al.)")
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        default=5000,
+        help="importance samples per image for -log p(x) (default: %(default)s, as Burda et al.)",
+    )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N test images (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                   help="images per batch; the k samples are drawn in chunks that fit (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default: %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=BATCH_SIZE,
+        help="images per batch; the k samples are drawn in chunks that fit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=IMPORTANCE_SEED, help="seed of the importance samples (default: %(default)s)"
+    )
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to this JSON file")
     add_device_arg(p)
@@ -128,17 +172,16 @@ def main(argv=None):
         state, model = load_checkpoint(args.checkpoint, device)
     except CheckpointError as e:
         fail(str(e))
-    # The images exactly as in training: the same binarization, from the same folder unless told otherwise.
-    train_config, likelihood = state["train_config"], model.config.likelihood
-    binarize = train_config["binarize"]
+    # The images exactly as in training (pixels), from the same folder unless told otherwise.
+    train_config = state["train_config"]
     data_dir = args.data_dir if args.data_dir is not None else train_config["data_dir"]
     try:
-        test_images, test_labels = load_test_set(data_dir, binarize, likelihood, device, args.limit)
-        train_images, train_labels = load_reference_set(data_dir, binarize, likelihood, device)
+        test_images, test_labels = load_test_set(data_dir, train_config["pixels"], device, args.limit)
+        train_images, train_labels = load_reference_set(data_dir, train_config["pixels"], device)
     except DataError as e:
         fail(str(e))
 
-    neg_elbo, recon, kl = test_elbo(model, test_images)
+    neg_elbo, recon, kl = mean_neg_elbo(model, test_images)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     test_nll = iwae_nll(model, test_images, args.k, args.batch_size, generator, progress=True)
     test_means = posterior_means(model, test_images, args.batch_size)  # (N, d)
@@ -150,6 +193,7 @@ def main(argv=None):
         "test_kl": kl.item(),
         "test_nll": test_nll,
         "bits_per_dim": test_nll / (N_PIXELS * math.log(2)),
+        **({"bits_per_dim_8bit": bits_per_dim_8bit(test_nll)} if train_config["pixels"] == "dequantized" else {}),
         "active_units": active_units(test_means),
         "knn_accuracy": knn_accuracy(test_means, test_labels, train_means, train_labels),
         "n_images": test_images.shape[0],
@@ -167,10 +211,14 @@ def main(argv=None):
 
 def print_table(checkpoint, r):
     print(f"{checkpoint} (epoch {r['epoch']}), {r['n_images']} test images")
-    print(f"  -ELBO            {r['test_neg_elbo']:9.3f} nats/image  "
-          f"(recon {r['test_recon']:.3f} + KL {r['test_kl']:.3f})")  # fmt: skip
+    print(
+        f"  -ELBO            {r['test_neg_elbo']:9.3f} nats/image  "
+        f"(recon {r['test_recon']:.3f} + KL {r['test_kl']:.3f})"
+    )
     print(f"  -log p(x)        {r['test_nll']:9.3f} nats/image  (importance sampled, k = {r['k']})")
     print(f"  -log p(x)        {r['bits_per_dim']:9.4f} bits/pixel")
+    if "bits_per_dim_8bit" in r:
+        print(f"  -log P(8-bit) <= {r['bits_per_dim_8bit']:9.4f} bits/pixel  (the dequantized density's bound)")
     print(f"  active units     {r['active_units']:5d} of {r['model_config']['latent_dim']}")
     print(f"  {N_NEIGHBORS}-NN accuracy  {r['knn_accuracy']:9.4f}  (posterior means; the training set as reference)")
 

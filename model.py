@@ -9,7 +9,7 @@ This module imports only torch and the standard library; it does no I/O.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,28 @@ LOG_2PI = math.log(2 * math.pi)
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh")
 LIKELIHOODS = ("bernoulli", "cb")
+OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("pathwise", "score")
+
+
+def setting(default, help, **flag):
+    """A config field with its command-line help (and, optionally, choices or a parser): read by the scripts."""
+    return field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass
 class VAEConfig:
-    latent_dim: int = 2
-    arch: str = "mlp"  # "mlp" | "conv"
-    hidden_dims: tuple[int, ...] = (512, 256)  # MLP widths; for "conv", the dense layers after the convolutions
-    activation: str = "relu"  # "relu" | "tanh"
-    likelihood: str = "cb"  # "bernoulli" | "cb" (continuous Bernoulli)
+    """The networks and the likelihood; every field is a flag of train.py (latent_dim: --latent-dim)."""
+
+    latent_dim: int = setting(2, "d, the size of z")
+    arch: str = setting("mlp", "mlp, or conv: two stride-2 convolutions, mirrored in the decoder", choices=ARCHS)
+    hidden_dims: tuple[int, ...] = setting(
+        (512, 256),
+        "comma-separated widths, e.g. 400 or 200,200 (the decoder mirrors them); for conv, the dense "
+        "layers after the convolutions",
+    )
+    activation: str = setting("relu", "the hidden layers' nonlinearity", choices=ACTIVATIONS)
+    likelihood: str = setting("bernoulli", "p(x|z): bernoulli, or cb (continuous Bernoulli)", choices=LIKELIHOODS)
 
     def __post_init__(self):
         # Checkpoints store the config as a plain dict, where tuples become lists.
@@ -39,13 +52,15 @@ class VAEConfig:
             raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim}")
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be one or more positive integers, got {self.hidden_dims}")
-        for name, value, allowed in (
-            ("arch", self.arch, ARCHS),
-            ("activation", self.activation, ACTIVATIONS),
-            ("likelihood", self.likelihood, LIKELIHOODS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        check_choices(self)
+
+
+def check_choices(config):
+    """Raise ValueError, naming the field, where a field that has choices holds another value."""
+    for f in fields(config):
+        allowed = f.metadata.get("choices")
+        if allowed is not None and getattr(config, f.name) not in allowed:
+            raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(config, f.name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +114,18 @@ def cb_log_prob(logits, x):
 # terms blow up and cancel, so there it is 1/2 + sum_n B_2n l^(2n-1) / (2n)! (B_2n the Bernoulli numbers).
 # With terms up to l^21 the truncation error below |l| = 1 is under 2e-19.
 _CB_MEAN_SERIES = (
-    1 / 12, -1 / 720, 1 / 30240, -1 / 1209600, 1 / 47900160, -691 / 1307674368000, 1 / 74724249600,
-    -3617 / 10670622842880000, 43867 / 5109094217170944000, -174611 / 802857662698291200000,
+    1 / 12,
+    -1 / 720,
+    1 / 30240,
+    -1 / 1209600,
+    1 / 47900160,
+    -691 / 1307674368000,
+    1 / 74724249600,
+    -3617 / 10670622842880000,
+    43867 / 5109094217170944000,
+    -174611 / 802857662698291200000,
     77683 / 14101100039391805440000,
-)  # fmt: skip
+)
 _CB_MEAN_SERIES_BELOW = 1.0
 
 
@@ -132,6 +155,11 @@ def std_normal_log_prob(z):
     return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
 
 
+def diag_normal_log_prob(z, mu, logvar):
+    """log N(z | mu, diag(exp(logvar))), summed over the last dim; broadcasts z (k, B, d) against (B, d)."""
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +168,7 @@ def std_normal_log_prob(z):
 def _mlp(sizes, activation):
     """Linear layers of the given sizes, with the activation after each one (the caller adds the head)."""
     layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(n_in, n_out), activation()]
     return nn.Sequential(*layers)
 
@@ -153,32 +181,28 @@ class VAE(nn.Module):
         hidden, d = config.hidden_dims, config.latent_dim
         if config.arch == "mlp":
             self.encoder = nn.Sequential(nn.Flatten(), _mlp((N_PIXELS, *hidden), act))
-            self.decoder = nn.Sequential(
-                _mlp((d, *reversed(hidden)), act),
-                nn.Linear(hidden[0], N_PIXELS),
-                nn.Unflatten(1, IMAGE_SHAPE),
-            )
+            self.decoder = _mlp((d, *reversed(hidden)), act)
+            self.to_logits = nn.Linear(hidden[0], N_PIXELS)
         else:
             # Two stride-2 convolutions, 28 -> 14 -> 7, mirrored by transposed convolutions in the decoder.
             features = 64 * 7 * 7
             self.encoder = nn.Sequential(
-                nn.Conv2d(1, 32, 4, stride=2, padding=1), act(),  # (B, 32, 14, 14)
-                nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),  # (B, 64, 7, 7)
+                nn.Conv2d(1, 32, 4, stride=2, padding=1),  # (B, 32, 14, 14)
+                act(),
+                nn.Conv2d(32, 64, 4, stride=2, padding=1),  # (B, 64, 7, 7)
+                act(),
                 nn.Flatten(),
                 _mlp((features, *hidden), act),
-            )  # fmt: skip
+            )
             self.decoder = nn.Sequential(
                 _mlp((d, *reversed(hidden), features), act),
                 nn.Unflatten(1, (64, 7, 7)),
-                nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), act(),  # (B, 32, 14, 14)
-                nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28) logits
-            )  # fmt: skip
+                nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),  # (B, 32, 14, 14)
+                act(),
+            )
+            self.to_logits = nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1)  # (B, 1, 28, 28)
         self.to_mu = nn.Linear(hidden[-1], d)
         self.to_logvar = nn.Linear(hidden[-1], d)
-
-    @property
-    def output_layer(self):
-        return self.decoder[-2] if self.config.arch == "mlp" else self.decoder[-1]
 
     @torch.no_grad()
     def init_output_bias(self, pixel_mean):
@@ -193,7 +217,7 @@ class VAE(nn.Module):
         p = pixel_mean.clamp(0.001, 0.999)
         if self.config.arch == "conv":
             p = p.mean()
-        self.output_layer.bias.copy_(torch.logit(p).reshape(self.output_layer.bias.shape))
+        self.to_logits.bias.copy_(torch.logit(p).reshape(self.to_logits.bias.shape))
 
     def encode(self, x):
         """q(z|x): (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
@@ -209,7 +233,7 @@ class VAE(nn.Module):
     def decode(self, z):
         """p(x|z): (..., latent_dim) -> logits (..., 1, 28, 28)."""
         batch_shape = z.shape[:-1]
-        logits = self.decoder(z.reshape(-1, z.shape[-1]))
+        logits = self.to_logits(self.decoder(z.reshape(-1, z.shape[-1])))
         return logits.reshape(*batch_shape, *IMAGE_SHAPE)
 
     def mean(self, logits):
@@ -234,14 +258,6 @@ class VAE(nn.Module):
         kl = kl_std_normal(mu, logvar)  # (B,)
         return recon, kl
 
-    def loss(self, x, beta=1.0, generator=None):
-        """Training objective: mean over the batch of recon + beta * kl (beta = 1: the negative ELBO).
-
-        Returns the scalar loss and the per-example terms (detached) for logging.
-        """
-        recon, kl = self.elbo_terms(x, generator)
-        return (recon + beta * kl).mean(), recon.detach(), kl.detach()
-
     def log_weights(self, x, k, generator=None, posterior=None):
         """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: shape (k, B).
 
@@ -249,13 +265,13 @@ class VAE(nn.Module):
         encoder has already been run on x.
         """
         mu, logvar = self.encode(x) if posterior is None else posterior  # (B, d) each
-        eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, d)
+        z = self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)  # (k, B, d)
+        return self._log_px_z(x, z) + std_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar)
+
+    def _log_px_z(self, x, z):
+        """log p(x|z) for each of k codes per image: x (B, 1, 28, 28), z (k, B, d) -> (k, B)."""
         logits = self.decode(z)  # (k, B, 1, 28, 28)
-        log_px_z = log_likelihood(logits, x.expand_as(logits), self.config.likelihood)  # (k, B)
-        # log q(z|x) in terms of eps: -1/2 sum(eps^2 + logvar + log 2 pi).
-        log_qz_x = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (k, B)
-        return log_px_z + std_normal_log_prob(z) - log_qz_x
+        return log_likelihood(logits, x.expand_as(logits), self.config.likelihood)
 
     def iwae_bound(self, x, k, chunk=None, generator=None):
         """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,).
@@ -278,3 +294,68 @@ class VAE(nn.Module):
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
         return self.decode(z)
 
+    # -----------------------------------------------------------------------------------------
+    # Ways of fitting: a surrogate loss whose gradient is the chosen estimator of the objective's
+    # -----------------------------------------------------------------------------------------
+
+    def loss(self, x, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None):
+        """The training loss of a batch x (B, 1, 28, 28), with k draws z_i ~ q(z|x) per image.
+
+        objective "elbo": the mean of k one-sample estimates of -ELBO, recon_i + beta * KL (AEVB eq. (10));
+                  "iwae": -L_k = -log (1/k) sum_i w_i (Burda et al. 2016, eq. (8)); k = 1 is the ELBO with a
+                  sampled KL.
+        estimator "pathwise": gradients flow through z = mu + sigma * eps (the reparameterization trick);
+                  "score": z is a constant and the encoder learns through log q(z|x) (score_surrogate).
+        Returns the surrogate, a scalar whose gradient is the estimator (its value is the mean negative bound
+        only for "pathwise"), and the negative bound per example (B,), detached, in nats.
+        """
+        mu, logvar = self.encode(x)  # (B, d) each
+        z = self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)  # (k, B, d)
+        if estimator == "score":
+            z = z.detach()  # no path from z back to the encoder: only the decoder learns through log p(x|z)
+        log_px_z = self._log_px_z(x, z)  # (k, B)
+        if objective == "elbo":
+            f, total = log_px_z, mean_over_samples
+            neg_bound = -total(f) + beta * kl_std_normal(mu, logvar)  # (B,); the KL's gradient is exact
+        else:
+            f, total = log_px_z + std_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar), log_mean_exp
+            neg_bound = -total(f)  # (B,); f = log w, (k, B)
+        surrogate = neg_bound
+        if estimator == "score":
+            log_q = diag_normal_log_prob(z, mu, logvar)  # (k, B): gradient into mu and logvar only
+            surrogate = surrogate - score_surrogate(f.detach(), log_q, total)
+        return surrogate.mean(), neg_bound.detach()
+
+
+def score_surrogate(f, log_q, total):
+    """sum_i (total(f) - b_i) log q(z_i|x), whose gradient is the score-function (REINFORCE) estimator.
+
+    f: (k, B), the k per-sample terms (detached) whose combination total(f) -> (B,) is estimated: its mean for
+    the ELBO, log-mean-exp for L_k. Since E_q[grad log q] = 0, any b_i that does not depend on z_i leaves the
+    estimator unbiased; b_i is the leave-one-out baseline, total() of the k samples with f_i replaced by the
+    mean of the other k - 1 (Kool et al. 2019; for L_k, where f = log w, this is the VIMCO baseline of
+    Mnih & Rezende 2016, eq. (9): w_i replaced by the geometric mean of the others). For k = 1 there is no
+    other sample, and b = 0. log_q: (k, B) -> (B,).
+    """
+    k = f.shape[0]
+    learning_signal = total(f).expand_as(f) if k == 1 else total(f) - leave_one_out(f, total)  # (k, B)
+    return (learning_signal * log_q).sum(0)
+
+
+def leave_one_out(f, total):
+    """b_i = total(f with f_i replaced by the mean of the others), for every i: (k, B) -> (k, B)."""
+    k = f.shape[0]
+    others_mean = (f.sum(0) - f) / (k - 1)  # (k, B)
+    eye = torch.eye(k, dtype=torch.bool, device=f.device).unsqueeze(-1)  # (k, k, 1): row i replaces f_i
+    replaced = torch.where(eye, others_mean.unsqueeze(0), f.unsqueeze(0))  # (k [which i], k, B)
+    return total(replaced.transpose(0, 1))  # total over dim 0 of (k, k [which i], B) -> (k, B)
+
+
+def mean_over_samples(f):
+    """(k, B) -> (B,): the mean of k one-sample estimates."""
+    return f.mean(0)
+
+
+def log_mean_exp(log_w):
+    """(k, B) -> (B,): log (1/k) sum_i w_i, computed stably (the importance-weighted bound from log w)."""
+    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])

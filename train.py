@@ -5,25 +5,24 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import BINARIZE_CHOICES, DataError, batches, load_test_set, load_train_set, resolve_binarize
-from model import ACTIVATIONS, ARCHS, LIKELIHOODS, VAE, VAEConfig
+from data import PIXELS, DataError, batches, load_test_set, load_train_set, resolve_pixels
+from evaluate import mean_neg_elbo, mean_neg_iwae_bound
+from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
 from utils import (
     CheckpointError,
+    add_config_args,
     add_device_arg,
+    config_from_args,
     fail,
-    int_list,
     load_checkpoint,
     pick_device,
-    positive_float,
-    positive_int,
     save_checkpoint,
-    test_elbo,
 )
 
 SCHEDULES = ("constant", "iwae")
@@ -31,21 +30,175 @@ SCHEDULES = ("constant", "iwae")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
-    schedule: str = "constant"  # "iwae": Burda et al.'s lr 1e-3 * 10^(-i/7) for 3^i epochs, i = 0..7
-    binarize: str = "auto"  # "auto" | "none" | "dynamic"
-    beta: float = 1.0  # weight of the KL term; 1 is the ELBO
-    seed: int = 1
-    limit: int | None = None  # use only the first N training and test images
-    compile: bool = False
-    data_dir: str = "data"
-    out_dir: str = "out"
+    """How the model is fitted; every field is a flag (batch_size: --batch-size). A resumed run keeps its
+    checkpoint's settings, except the fields marked on_resume, which the flags set anew."""
+
+    epochs: int = setting(30, "total epochs (with --resume, the total to reach)", on_resume=True)
+    batch_size: int = setting(128, "images per step")
+    lr: float = setting(1e-3, "Adam's learning rate (the initial one with --schedule iwae)")
+    schedule: str = setting(
+        "constant",
+        "iwae: Burda et al.'s lr 1e-3 * 10^(-i/7) for 3^i epochs, i = 0..7 (3280 epochs), and Adam eps 1e-4",
+        choices=SCHEDULES,
+    )
+    pixels: str = setting(
+        "auto",
+        "what the model sees: binary (x ~ Bernoulli(k/255), drawn anew each use), dequantized "
+        "((k + u)/256, u ~ U[0, 1) drawn anew each use) or grey (k/255); auto: binary for bernoulli, "
+        "dequantized for cb",
+        choices=PIXELS,
+    )
+    objective: str = setting("elbo", "elbo, or iwae: the k-sample bound L_k (Burda et al. 2016)", choices=OBJECTIVES)
+    k: int = setting(1, "samples z ~ q(z|x) per training image")
+    estimator: str = setting(
+        "pathwise",
+        "the encoder's gradient: pathwise (reparameterization), or score (score function, leave-one-out "
+        "baseline for k >= 2)",
+        choices=ESTIMATORS,
+    )
+    beta: float = setting(1.0, "weight of the KL term (1: the ELBO; --objective elbo only)")
+    seed: int = setting(1, "seeds the run (the scored data and noise have fixed seeds of their own)", type=int)
+    limit: int | None = setting(None, "use only the first N training and test images")
+    compile: bool = setting(False, "torch.compile the training step (same numbers)", on_resume=True)
+    data_dir: str = setting("data", "where MNIST/raw/ is", on_resume=True)
+    out_dir: str = setting("out", "where ckpt.pt and log.jsonl go", on_resume=True)
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.objective == "iwae" and self.beta != 1:
+            raise ValueError(f"--beta {self.beta:g} weighs the ELBO's KL term; L_k has none (use --objective elbo)")
+
+
+RESUMABLE = [f.name for f in fields(TrainConfig) if f.metadata.get("on_resume")]
+
+
+@dataclass
+class Run:
+    """A run in the making: its settings, model, optimizer, data, and the last epoch saved (0: none)."""
+
+    config: TrainConfig
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    train_images: torch.Tensor  # (N, 1, 28, 28), grey levels; each batch is presented anew
+    test_images: torch.Tensor  # (M, 1, 28, 28), presented once with a fixed seed
+    epoch: int
+    device: torch.device
+
+    @property
+    def ckpt_path(self):
+        return Path(self.config.out_dir) / "ckpt.pt"
+
+    @property
+    def log_path(self):
+        return Path(self.config.out_dir) / "log.jsonl"
+
+    def kept(self):
+        """What is on disk, for a message about a stop."""
+        return f"{self.ckpt_path} still holds epoch {self.epoch}" if self.epoch else "no checkpoint was written"
 
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; args[0] is the 1-based step of the epoch, or None for the test pass."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    add_config_args(p, VAEConfig, "model")
+    add_config_args(p, TrainConfig, "training")
+    run = p.add_argument_group("run")
+    kept = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in --out-dir up to --epochs in all; its settings come from its checkpoint "
+        f"(only {kept} and --device apply)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out-dir")
+    add_device_arg(run)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    run = resume_run(args, device) if args.resume else start_run(args, parser, device)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(
+        f"device: {device}; model: {run.model.config} ({n_params:,} parameters); "
+        f"training: {run.train_images.shape[0]} images, pixels {run.config.pixels}, train loss {bound_name(run.config)}"
+    )
+    fit(run)
+
+
+def start_run(args, parser, device):
+    """A new run from the flags; an existing run in --out-dir is replaced only with --overwrite."""
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    if ckpt_path.exists() and not args.overwrite:
+        fail(
+            f"{ckpt_path} already exists; pass --resume to continue that run, --overwrite to replace it, "
+            "or another --out-dir"
+        )
+    try:
+        model_config = config_from_args(VAEConfig, args)
+        config = config_from_args(TrainConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    config = replace(config, pixels=resolve_pixels(config.pixels, model_config.likelihood))  # saved as it is meant
+    torch.manual_seed(config.seed)
+    train_images, test_images = load_data(config, device)
+    model = VAE(model_config).to(device)
+    model.init_output_bias(train_images.mean(0))
+    run = Run(config, model, make_optimizer(model, config), train_images, test_images, 0, device)
+    run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    run.ckpt_path.unlink(missing_ok=True)  # --overwrite: the old checkpoint goes now, with its log lines
+    keep_log_until(run.log_path, 0)
+    return run
+
+
+def resume_run(args, device):
+    """The run in --out-dir as its checkpoint left it: model, optimizer, epoch and random state."""
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    try:
+        state, model = load_checkpoint(ckpt_path, device)
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
+    try:  # what the run is stays as it was; where the data is and how fast to run may change
+        config = TrainConfig(**{**state["train_config"], **{name: getattr(args, name) for name in RESUMABLE}})
+        epoch = int(state["epoch"])
+    except (TypeError, ValueError) as e:
+        fail(f"cannot resume: {ckpt_path} has no usable train_config / epoch ({e})")
+    print(f"resuming {ckpt_path} after epoch {epoch} (its model and training settings are kept)")
+    torch.manual_seed(config.seed)
+    train_images, test_images = load_data(config, device)
+    optimizer = make_optimizer(model, config)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(
+            f"cannot resume: the optimizer / random state in {ckpt_path} is missing or does not fit "
+            f"({type(e).__name__}: {e})"
+        )
+    keep_log_until(ckpt_path.parent / "log.jsonl", epoch)
+    return Run(config, model, optimizer, train_images, test_images, epoch, device)
+
+
+def load_data(config, device):
+    try:
+        train_images, _ = load_train_set(config.data_dir, device, config.limit)
+        test_images, _ = load_test_set(config.data_dir, config.pixels, device, config.limit)
+    except DataError as e:
+        fail(str(e))
+    return train_images, test_images
+
+
+def make_optimizer(model, config):
+    # Burda et al. use Adam with eps = 1e-4 (Section 5); elsewhere PyTorch's defaults, as in pytorch/examples.
+    eps = 1e-4 if config.schedule == "iwae" else 1e-8
+    # The fused kernel updates every parameter in one pass instead of a dozen ops per tensor: same arithmetic.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=eps, fused=fused)
 
 
 def learning_rate(config, epoch):
@@ -60,26 +213,52 @@ def learning_rate(config, epoch):
     return config.lr * 10 ** (-stage / 7)
 
 
-def make_optimizer(model, config):
-    # Burda et al. use Adam with eps = 1e-4 (Section 5); elsewhere PyTorch's defaults, as in pytorch/examples.
-    eps = 1e-4 if config.schedule == "iwae" else 1e-8
-    # The fused kernel updates all parameters in one pass instead of a dozen ops per tensor: the same
-    # arithmetic, and on the pytorch/examples model on a 2-core CPU a whole step went from 8.7 to 4.9 ms.
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=eps, fused=fused)
+def bound_name(config):
+    """What the training loss is, as the log names it."""
+    if config.objective == "iwae":
+        return f"-L_{config.k}"
+    return "-ELBO" if config.beta == 1 else f"recon + {config.beta:g} KL"
 
 
-def make_train_step(model, optimizer, beta, compile=False):
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def fit(run):
+    """Epochs run.epoch + 1 .. config.epochs, each saved as it ends. Ctrl-C, a non-finite loss or a failed
+    write stops with one line, and the checkpoint on disk stays that of the last saved epoch."""
+    step = make_train_step(run.model, run.optimizer, run.config)
+    epoch = run.epoch
+    try:
+        for epoch in range(run.epoch + 1, run.config.epochs + 1):
+            save_epoch(run, run_epoch(run, step, epoch))
+    except KeyboardInterrupt:
+        kept = (
+            f"{run.ckpt_path} holds epoch {run.epoch}; continue with --resume" if run.epoch else "no epoch had finished"
+        )
+        print(f"\ninterrupted during epoch {epoch}: {kept}.", file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as e:
+        where = f"step {e.args[0]} of epoch {epoch}" if e.args[0] is not None else f"the test pass of epoch {epoch}"
+        fail(
+            f"the loss became NaN or infinite at {where} ({run.kept()}); the learning rate (--lr {run.config.lr}) is "
+            f"likely too high for this model, or --beta / the data is off"
+        )
+    except OSError as e:  # writing the log or the checkpoint, e.g. a full disk; the old checkpoint stays whole
+        fail(f"could not save epoch {epoch}: {e} ({run.kept()})")
+    print(f"saved {run.ckpt_path} (epoch {run.epoch}) and {run.log_path}")
+
+
+def make_train_step(model, optimizer, config):
     """One optimisation step on a batch; returns the loss as a device tensor (no host synchronisation)."""
 
     def step(x):
-        loss, _, _ = model.loss(x, beta)
+        surrogate, neg_bound = model.loss(x, config.objective, config.k, config.estimator, config.beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        surrogate.backward()
         optimizer.step()
-        return loss.detach()
+        return neg_bound.mean()
 
-    if not compile:
+    if not config.compile:
         return step
     # Inductor otherwise draws random numbers with its own generator: with fallback_random the compiled
     # step draws the very eps (and binarizations) of the plain one, so a seed gives the same run either way.
@@ -87,7 +266,35 @@ def make_train_step(model, optimizer, beta, compile=False):
     return torch.compile(step, dynamic=False)  # static shapes: the last, smaller batch gets its own graph
 
 
-def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check_every=50):
+def run_epoch(run, step, epoch):
+    """One epoch of training and its test pass; returns the epoch's log record."""
+    config, model = run.config, run.model
+    start = time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, epoch)
+    n_steps = math.ceil(run.train_images.shape[0] / config.batch_size)
+    with tqdm(total=n_steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="step") as bar:
+        model.train()
+        train_loss = train_epoch(step, run.train_images, config.batch_size, config.pixels, bar)
+    model.eval()
+    test_loss, test_recon, test_kl = mean_neg_elbo(model, run.test_images)
+    record = {
+        "epoch": epoch,
+        "train_bound": bound_name(config),
+        "train_loss": train_loss.item(),
+        "test_loss": test_loss.item(),
+        "test_recon": test_recon.item(),
+        "test_kl": test_kl.item(),
+    }
+    if config.objective == "iwae":  # the bound it trains, on the test set too
+        record[f"test_neg_l{config.k}"] = mean_neg_iwae_bound(model, run.test_images, config.k).item()
+    if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+        raise NonFiniteLoss(None)
+    record.update(lr=run.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+    return record
+
+
+def train_epoch(step, images, batch_size, pixels, progress=None, check_every=50):
     """One pass over the shuffled training images; returns the mean training loss (nats per image).
 
     Each step's loss is written into a tensor on the device; it is read back only every `check_every`
@@ -98,7 +305,7 @@ def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check
     n_steps = math.ceil(n / batch_size)
     losses = torch.empty(n_steps, device=images.device)
     checked = 0
-    for i, x in enumerate(batches(images, batch_size, shuffle=True, dynamic_binarize=dynamic_binarize)):
+    for i, x in enumerate(batches(images, batch_size, shuffle=True, pixels=pixels)):
         losses[i] = step(x)
         if (i + 1) % check_every == 0 or i + 1 == n_steps:
             finite = torch.isfinite(losses[checked : i + 1])
@@ -113,164 +320,44 @@ def train_epoch(step, images, batch_size, dynamic_binarize, progress=None, check
     return (losses * weights).sum() / n
 
 
-def build_parser():
-    defaults, model_defaults = TrainConfig(), VAEConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, model_defaults)
-    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="total epochs (with --resume too)")
-    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam's learning rate (the initial one)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
-                   help="iwae: Burda et al.'s lr decay, 3280 epochs in 8 stages, Adam eps 1e-4")  # fmt: skip
-    p.add_argument("--binarize", choices=BINARIZE_CHOICES, default=defaults.binarize,
-                   help="auto: dynamic for bernoulli, none for cb")  # fmt: skip
-    p.add_argument("--beta", type=positive_float, default=defaults.beta, help="KL weight (1 = the ELBO)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N train and test images")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--data-dir", default=defaults.data_dir)
-    p.add_argument("--out-dir", default=defaults.out_dir)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir up to --epochs in all; the run's settings come from its "
-                        "checkpoint (only --epochs, --data-dir, --device and --compile apply)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out-dir")
-    add_device_arg(p)
-    return p
+# --------------------------------------------------------------------------------------------- saving
 
 
-def add_model_args(p, defaults):
-    p.add_argument("--latent-dim", type=positive_int, default=defaults.latent_dim)
-    p.add_argument("--arch", choices=ARCHS, default=defaults.arch)
-    p.add_argument("--hidden-dims", type=int_list, default=defaults.hidden_dims,
-                   help="comma-separated widths, e.g. 400 or 200,200")  # fmt: skip
-    p.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activation)
-    p.add_argument("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood,
-                   help="bernoulli, or cb: continuous Bernoulli")  # fmt: skip
+def save_epoch(run, record):
+    """Append the epoch's log line, then replace the checkpoint (atomically)."""
+    # The log line goes first: a crash before the checkpoint is replaced leaves a line past the
+    # checkpoint's epoch, which --resume drops (keep_log_until) before running that epoch again.
+    with open(run.log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    state = {
+        "model": run.model.state_dict(),
+        "model_config": asdict(run.model.config),
+        "train_config": asdict(run.config),
+        "epoch": record["epoch"],
+        "optimizer": run.optimizer.state_dict(),
+        "rng": rng_state(run.device),
+    }
+    save_checkpoint(run.ckpt_path, state)
+    run.epoch = record["epoch"]
+    test = f"test {record['test_loss']:8.3f} (recon {record['test_recon']:8.3f} + kl {record['test_kl']:6.3f})"
+    tqdm.write(
+        f"epoch {run.epoch:4d}/{run.config.epochs}  train {record['train_bound']} {record['train_loss']:8.3f}  "
+        f"{test}  {record['seconds']:6.1f} s"
+    )
 
 
-def model_config_from_args(args):
-    return VAEConfig(args.latent_dim, args.arch, args.hidden_dims, args.activation, args.likelihood)
+def rng_state(device):
+    """The random-number generators a run draws from: the CPU's, and the device's (CPU tensors, all)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type in ("cuda", "mps"):
+        state[device.type] = getattr(torch, device.type).get_rng_state()
+    return state
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
-    out_dir = Path(args.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-
-    if args.resume:
-        try:
-            state, model = load_checkpoint(ckpt_path, device)
-        except CheckpointError as e:
-            fail(f"cannot resume: {e}")
-        model_config = model.config
-        try:  # what the run is stays as it was; where the data is and how fast to run may change
-            config = TrainConfig(**{**state["train_config"], "epochs": args.epochs, "out_dir": args.out_dir,
-                                    "data_dir": args.data_dir, "compile": args.compile})
-            start_epoch = int(state["epoch"])
-        except (TypeError, ValueError) as e:
-            fail(f"cannot resume: {ckpt_path} has no usable train_config / epoch ({e})")
-        print(f"resuming {ckpt_path} after epoch {start_epoch} (its model and training settings are kept)")
-    else:
-        if ckpt_path.exists() and not args.overwrite:
-            fail(f"{ckpt_path} already exists; pass --resume to continue that run, --overwrite to replace it, "
-                 f"or another --out-dir")  # fmt: skip
-        model_config = model_config_from_args(args)
-        config = TrainConfig(
-            args.epochs, args.batch_size, args.lr, args.schedule, args.binarize, args.beta, args.seed,
-            args.limit, args.compile, args.data_dir, args.out_dir,
-        )  # fmt: skip
-        model, state, start_epoch = None, None, 0
-
-    torch.manual_seed(config.seed)
-    try:
-        train_images, _ = load_train_set(config.data_dir, device, config.limit)
-        test_images, _ = load_test_set(config.data_dir, config.binarize, model_config.likelihood, device, config.limit)
-    except DataError as e:
-        fail(str(e))
-    dynamic = resolve_binarize(config.binarize, model_config.likelihood) == "dynamic"
-
-    if model is None:
-        model = VAE(model_config).to(device)
-        model.init_output_bias(train_images.mean(0))
-    model.train()
-    optimizer = make_optimizer(model, config)
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["cpu"])
-            if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"cannot resume: the optimizer / random state in {ckpt_path} is missing or does not fit "
-                 f"({type(e).__name__}: {e})")  # fmt: skip
-    step = make_train_step(model, optimizer, config.beta, config.compile)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # --overwrite: the old run's checkpoint goes now, with its log, so the two never mix
-        ckpt_path.unlink(missing_ok=True)
-    keep_log_until(log_path, start_epoch)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"device: {device}; model: {model_config} ({n_params:,} parameters); "
-          f"training data: {train_images.shape[0]} images, binarize: {'dynamic' if dynamic else 'none'}")  # fmt: skip
-
-    n_steps = math.ceil(train_images.shape[0] / config.batch_size)
-    epoch = saved = start_epoch  # the epoch running, and the one the checkpoint on disk holds
-    try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, epoch)
-            with tqdm(total=n_steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="step") as bar:
-                model.train()
-                train_loss = train_epoch(step, train_images, config.batch_size, dynamic, bar)
-            model.eval()
-            test_loss, test_recon, test_kl = test_elbo(model, test_images)
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss.item(),
-                "test_loss": test_loss.item(),
-                "test_recon": test_recon.item(),
-                "test_kl": test_kl.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - start,
-            }
-            if not math.isfinite(record["test_loss"]):
-                raise NonFiniteLoss(None)
-            # The log line goes first: a crash before the checkpoint is replaced leaves a line past the
-            # checkpoint's epoch, which --resume drops (keep_log_until) before running that epoch again.
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(),
-                "model_config": asdict(model_config),
-                "train_config": asdict(config),
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "rng": rng,
-            })  # fmt: skip
-            saved = epoch
-            tqdm.write(
-                f"epoch {epoch:4d}/{config.epochs}  train {record['train_loss']:8.3f}  test {record['test_loss']:8.3f} "
-                f"(recon {record['test_recon']:8.3f} + kl {record['test_kl']:6.3f})  {record['seconds']:6.1f} s"
-            )
-    except KeyboardInterrupt:
-        kept = f"{ckpt_path} holds epoch {saved}; continue with --resume" if saved else "no epoch had finished"
-        print(f"\ninterrupted during epoch {epoch}: {kept}.", file=sys.stderr)
-        sys.exit(130)
-    except NonFiniteLoss as e:
-        where = f"step {e.args[0]} of epoch {epoch}" if e.args[0] is not None else f"the test pass of epoch {epoch}"
-        kept = f"{ckpt_path} still holds epoch {saved}" if saved else "no checkpoint was written"
-        fail(f"the loss became NaN or infinite at {where} ({kept}); the learning rate (--lr {config.lr}) is "
-             f"likely too high for this model, or --beta / the data is off")  # fmt: skip
-    except OSError as e:  # writing the log or the checkpoint, e.g. a full disk; the old checkpoint stays whole
-        kept = f"{ckpt_path} still holds epoch {saved}" if saved else "no checkpoint was written"
-        fail(f"could not save epoch {epoch}: {e} ({kept})")
-    print(f"saved {ckpt_path} (epoch {saved}) and {log_path}")
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type in ("cuda", "mps") and device.type in state:  # absent if the run moved devices: not exact
+        getattr(torch, device.type).set_rng_state(state[device.type])
 
 
 def keep_log_until(log_path, epoch):

@@ -1,4 +1,4 @@
-"""What every script shares: flag types, the device, checkpoints, and the test-set ELBO."""
+"""What every script shares: flags made from config dataclasses, the device, and checkpoints."""
 
 import argparse
 import os
@@ -10,14 +10,11 @@ from pathlib import Path
 
 import torch
 
-from data import BINARIZE_CHOICES, batches
+from data import BINARIZE_TO_PIXELS, PIXELS
 from model import VAE, VAEConfig
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_KEYS = ("model", "model_config", "train_config", "epoch")
-# The test ELBO is estimated with one z per image drawn from this seed, so numbers of different epochs,
-# runs and scripts use the same noise (and scoring never touches the training random stream).
-EVAL_SEED = 1234
 
 
 class CheckpointError(Exception):
@@ -63,10 +60,43 @@ def int_list(text):
         ) from None
 
 
+# A field's annotation gives its flag's parser, unless its metadata names one ("type").
+FLAG_TYPES = {int: positive_int, float: positive_float, str: str, tuple[int, ...]: int_list, int | None: positive_int}
+
+
+def add_config_args(parser, config_class, title, defaults=None):
+    """One flag per field of a config dataclass (latent_dim: --latent-dim), its type, choices, default and
+    help read from the field; `defaults`, an instance, overrides the class's defaults."""
+    group = parser.add_argument_group(title)
+    for f in fields(config_class):
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        flag, shown = "--" + f.name.replace("_", "-"), format_default(default)
+        if f.type is bool:
+            group.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
+            continue
+        group.add_argument(
+            flag,
+            type=f.metadata.get("type", FLAG_TYPES[f.type]),
+            choices=f.metadata.get("choices"),
+            default=default,
+            help=f"{f.metadata['help']} (default: {shown})",
+        )
+
+
+def format_default(value):
+    """A default as it would be typed: 512,256 for (512, 256), 'all' for None."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "all" if value is None else value
+
+
+def config_from_args(config_class, args, **overrides):
+    """The config built by name from the parsed flags of add_config_args."""
+    return config_class(**{**{f.name: getattr(args, f.name) for f in fields(config_class)}, **overrides})
+
+
 def add_device_arg(parser):
-    parser.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="auto picks cuda, else mps, else cpu"
-    )
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto picks cuda, else mps, else cpu")
 
 
 def pick_device(name, parser):
@@ -112,6 +142,8 @@ def load_checkpoint(path, device="cpu"):
     """Load and validate a checkpoint of this project; never unpickles code (weights_only=True).
 
     Returns (state dict, model on `device` in eval mode). Raises CheckpointError with one clear sentence.
+    Everything is read onto the CPU first: the saved random-number states must stay CPU tensors whatever the
+    device, and the optimizer's state follows its parameters when it is loaded.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,7 +151,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error says enough
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged bytes make the unpickler raise almost anything (KeyError, IndexError, ...)
         raise CheckpointError(
             f"{path} is not a loadable checkpoint of this project (refused or unreadable: {_load_error_reason(e)})"
@@ -140,45 +172,39 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: model_config does not fit this version's VAEConfig ({which})")
     # Every script prepares the data as training did, so these settings of the run must be there too.
     train_config = state["train_config"]
+    if isinstance(train_config, dict):
+        upgrade_train_config(train_config, config.get("likelihood"))
     if (
         not isinstance(train_config, dict)
-        or train_config.get("binarize") not in BINARIZE_CHOICES
+        or train_config.get("pixels") not in PIXELS[1:]
         or not isinstance(train_config.get("data_dir"), str)
         or not isinstance(train_config.get("beta"), (int, float))
     ):
         raise CheckpointError(
-            f"{path}: its train_config must hold binarize (one of {', '.join(BINARIZE_CHOICES)}), data_dir and "
-            f"beta; was it written by train.py?"
+            f"{path}: its train_config must hold pixels (one of {', '.join(PIXELS[1:])}), data_dir and beta; "
+            f"was it written by train.py?"
         )
     try:
         model = VAE(VAEConfig(**config))
-        model.load_state_dict(state["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
+        model.load_state_dict(upgrade_state_dict(state["model"], model.config.arch))
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
     return state, model.to(device).eval()
 
 
-# --------------------------------------------------------------------------------------------- scoring
+def upgrade_train_config(train_config, likelihood):
+    """Checkpoints from before --pixels had --binarize: translate it to what it meant for that likelihood."""
+    binarize = train_config.pop("binarize", None)
+    if "pixels" in train_config or binarize not in BINARIZE_TO_PIXELS:
+        return
+    pixels = BINARIZE_TO_PIXELS[binarize]
+    train_config["pixels"] = pixels.get(likelihood) if isinstance(pixels, dict) else pixels
 
 
-@torch.inference_mode()
-def test_elbo(model, images, batch_size=1000):
-    """Mean -ELBO over `images` and its two terms (recon, kl), nats per image, one z per image (EVAL_SEED).
-
-    Returns 0-dim tensors on the images' device: no host synchronisation here.
-    """
-    generator = torch.Generator(device=images.device).manual_seed(EVAL_SEED)
-    recon_sum = torch.zeros((), device=images.device)
-    kl_sum = torch.zeros((), device=images.device)
-    for x in batches(images, batch_size):
-        recon, kl = model.elbo_terms(x, generator)
-        recon_sum += recon.sum()
-        kl_sum += kl.sum()
-    n = images.shape[0]
-    return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
+# Checkpoints from before the decoder's last layer was named to_logits held it inside the decoder.
+LEGACY_TO_LOGITS = {"mlp": "decoder.1.", "conv": "decoder.4."}
 
 
-@torch.inference_mode()
-def posterior_means(model, images, batch_size=1000):
-    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim), in batches to bound memory."""
-    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
+def upgrade_state_dict(state_dict, arch):
+    old = LEGACY_TO_LOGITS[arch]
+    return {("to_logits." + k[len(old) :] if k.startswith(old) else k): v for k, v in state_dict.items()}

@@ -17,13 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from data import DataError, load_mnist, load_test_set  # noqa: E402
-from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, posterior_means  # noqa: E402
+from data import PRIOR_SAMPLE_SEED, DataError, load_mnist, load_test_set  # noqa: E402
+from evaluate import posterior_means  # noqa: E402
+from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device  # noqa: E402
 
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 N_RECONSTRUCTIONS = 10
 SAMPLES_SIDE = 10
-SAMPLE_SEED = 0  # the prior samples are drawn from this seed, so a figure is the same on every run
 DPI = 120
 COMPARE_FILE = "compare_bernoulli_cb.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
@@ -100,8 +100,8 @@ def reconstruct(model, x):
 
 
 def prior_z(n, latent_dim, device):
-    """n draws z ~ N(0, I) from SAMPLE_SEED: the same z for every model of this latent_dim."""
-    generator = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
+    """n draws z ~ N(0, I) from PRIOR_SAMPLE_SEED: the same z for every model of this latent_dim."""
+    generator = torch.Generator(device=device).manual_seed(PRIOR_SAMPLE_SEED)
     return torch.randn(n, latent_dim, generator=generator, device=device)
 
 
@@ -151,8 +151,11 @@ def plot_latent_scatter(mu, labels, plane, path):
         ax.set(title="Test set: posterior means of q(z|x)", xlabel="$z_1$", ylabel="$z_2$")
         ax.set_aspect("equal")
     else:
-        ax.set(title=f"Test set: posterior means, PCA of {d}-D latent to 2-D",
-               xlabel="principal component 1", ylabel="principal component 2")  # fmt: skip
+        ax.set(
+            title=f"Test set: posterior means, PCA of {d}-D latent to 2-D",
+            xlabel="principal component 1",
+            ylabel="principal component 2",
+        )
     fig.tight_layout()
     save(fig, path)
 
@@ -163,9 +166,13 @@ def plot_manifold(model, plane, path):
     z = center + (coords * scales) @ directions  # (20, 20, d)
     images = decode_means(model, z.reshape(-1, z.shape[-1]))  # (400, 1, 28, 28)
     d = model.config.latent_dim
-    where = "$z$ on a grid of Gaussian quantiles" if d == 2 else (
-        f"$z$ in the plane of the two leading principal directions of the {d}-D posterior means,\n"
-        "at Gaussian quantiles times the means' std along each"
+    where = (
+        "$z$ on a grid of Gaussian quantiles"
+        if d == 2
+        else (
+            f"$z$ in the plane of the two leading principal directions of the {d}-D posterior means,\n"
+            "at Gaussian quantiles times the means' std along each"
+        )
     )
     fig, ax = plt.subplots(figsize=(7, 7.3))
     show_image(ax, tile(images, MANIFOLD_SIDE, MANIFOLD_SIDE), f"Learned manifold: E[x|z] for\n{where}")
@@ -229,7 +236,7 @@ def plot_training_curves(records, beta, path):
 
 def model_inputs(state, model, data_dir, n, device):
     """The first n test images as this model was scored on them (a Bernoulli model's usually binarized)."""
-    return load_test_set(data_dir, state["train_config"]["binarize"], model.config.likelihood, device, limit=n)[0]
+    return load_test_set(data_dir, state["train_config"]["pixels"], device, limit=n)[0]
 
 
 @torch.inference_mode()
@@ -248,12 +255,18 @@ def plot_compare(bernoulli, cb, data_dirs, device, path):
     cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device))  # one z for both CB rows
 
     fig, (recon_ax, sample_ax) = plt.subplots(2, 1, figsize=(8, 6.5), height_ratios=[4, 3])
-    show_rows(recon_ax,
-              [originals, bernoulli_model.mean(bernoulli_recon), torch.sigmoid(cb_recon), cb_model.mean(cb_recon)],
-              ["test (grayscale)", *COMPARE_ROWS], "Reconstructions, z = mu(x)")
-    show_rows(sample_ax,
-              [bernoulli_model.mean(bernoulli_prior), torch.sigmoid(cb_prior), cb_model.mean(cb_prior)],
-              COMPARE_ROWS, "Samples, z ~ N(0, I)")  # fmt: skip
+    show_rows(
+        recon_ax,
+        [originals, bernoulli_model.mean(bernoulli_recon), torch.sigmoid(cb_recon), cb_model.mean(cb_recon)],
+        ["test (grayscale)", *COMPARE_ROWS],
+        "Reconstructions, z = mu(x)",
+    )
+    show_rows(
+        sample_ax,
+        [bernoulli_model.mean(bernoulli_prior), torch.sigmoid(cb_prior), cb_model.mean(cb_prior)],
+        COMPARE_ROWS,
+        "Samples, z ~ N(0, I)",
+    )
     fig.suptitle("Bernoulli vs continuous Bernoulli (CB) decoder: λ = sigmoid(logits) is not the CB mean")
     fig.tight_layout()
     save(fig, path)
@@ -262,7 +275,7 @@ def plot_compare(bernoulli, cb, data_dirs, device, path):
 def load_for_compare(paths, data_dir, device):
     """Both checkpoints, checked to be a Bernoulli and a CB model in that order, and the data dir of each."""
     loaded = [load_checkpoint(path, device) for path in paths]
-    for (_, model), path, expected in zip(loaded, paths, ("bernoulli", "cb")):
+    for (_, model), path, expected in zip(loaded, paths, ("bernoulli", "cb"), strict=True):
         if model.config.likelihood != expected:
             raise CheckpointError(
                 f"--compare takes BERNOULLI_CKPT CB_CKPT, in this order, but {path} is a "
@@ -279,8 +292,12 @@ def build_parser():
     p.add_argument("--checkpoint", default="out/ckpt.pt", help="the model to show (default: out/ckpt.pt)")
     p.add_argument("--plots-dir", default="plots", help="where the PNGs go (default: plots)")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--compare", nargs=2, metavar=("BERNOULLI_CKPT", "CB_CKPT"),
-                   help=f"instead of the five figures, write {COMPARE_FILE} for these two models")  # fmt: skip
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BERNOULLI_CKPT", "CB_CKPT"),
+        help=f"instead of the five figures, write {COMPARE_FILE} for these two models",
+    )
     add_device_arg(p)
     return p
 
@@ -288,8 +305,8 @@ def build_parser():
 def plot_all(state, model, data_dir, log_path, device, plots_dir):
     """The five figures of one model; the training curves only if its training log is there."""
     train_config = state["train_config"]
-    # The test set exactly as training scored it (same binarization), but all of it: --limit is for training.
-    images, labels = load_test_set(data_dir, train_config["binarize"], model.config.likelihood, device, limit=None)
+    # The test set exactly as training scored it (same pixels), but all of it: --limit is for training.
+    images, labels = load_test_set(data_dir, train_config["pixels"], device, limit=None)
     if model.config.latent_dim >= 2:
         mu = posterior_means(model, images)  # (N, d)
         plane = latent_plane(mu)

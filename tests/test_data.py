@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, batches, ensure_mnist, load_mnist, load_test_set, load_train_set, resolve_binarize
+from data import DataError, batches, ensure_mnist, load_mnist, load_test_set, load_train_set, resolve_pixels
 
 NAMES = tuple(data.MNIST_MD5)
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: the one most tests damage
@@ -342,23 +342,23 @@ def test_k_over_255_times_255_is_k_in_float32():
     assert torch.equal(k.float().div_(255) * 255, k.float())
 
 
-def test_resolve_binarize():
-    assert resolve_binarize("auto", "bernoulli") == "dynamic"
-    assert resolve_binarize("auto", "cb") == "none"
+def test_resolve_pixels():
+    assert resolve_pixels("auto", "bernoulli") == "binary"
+    assert resolve_pixels("auto", "cb") == "dequantized"
     for lik in ("bernoulli", "cb"):
-        assert resolve_binarize("none", lik) == "none"
-        assert resolve_binarize("dynamic", lik) == "dynamic"
-    for bad in ("static", "", None, "Dynamic"):
-        with pytest.raises(ValueError, match="binarize"):
-            resolve_binarize(bad, "bernoulli")
+        for pixels in ("binary", "dequantized", "grey"):
+            assert resolve_pixels(pixels, lik) == pixels
+    for bad in ("static", "", None, "Binary", "dynamic"):
+        with pytest.raises(ValueError, match="pixels"):
+            resolve_pixels(bad, "bernoulli")
 
 
 def test_load_test_set_binarized(verified, idx):
     data_dir = verified
     torch.manual_seed(123)  # the global RNG must not matter
-    images, labels = load_test_set(data_dir, "dynamic", "cb", "cpu")
+    images, labels = load_test_set(data_dir, "binary", "cpu")
     torch.manual_seed(456)
-    first, first_labels = load_test_set(data_dir, "auto", "bernoulli", "cpu", limit=1000)
+    first, first_labels = load_test_set(data_dir, "binary", "cpu", limit=1000)
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.float32
     assert ((images == 0) | (images == 1)).all()
     # deterministic, and the first N with a limit are the first N of the whole split
@@ -373,11 +373,10 @@ def test_load_test_set_binarized(verified, idx):
 
 def test_load_test_set_grayscale(verified, idx):
     data_dir = verified
-    images, labels = load_test_set(data_dir, "none", "bernoulli", "cpu", limit=500)
-    auto, _ = load_test_set(data_dir, "auto", "cb", "cpu", limit=500)
+    images, labels = load_test_set(data_dir, "grey", "cpu", limit=500)
     _, pixels, _, _ = idx["t10k"]
     assert torch.equal(images, torch.from_numpy(pixels[:500]).float() / 255)
-    assert torch.equal(auto, images) and labels.shape == (500,)
+    assert labels.shape == (500,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +421,7 @@ def test_batches_dynamic_binarization():
     bits = (torch.arange(n).unsqueeze(1) >> torch.arange(code_bits)) & 1  # (n, 8)
     images.view(n, -1)[:, :code_bits] = bits.float()
     g = torch.Generator().manual_seed(2)
-    epochs = [list(batches(images, 64, shuffle=True, dynamic_binarize=True, generator=g)) for _ in range(2)]
+    epochs = [list(batches(images, 64, shuffle=True, pixels="binary", generator=g)) for _ in range(2)]
     draws = []
     for epoch in epochs:
         x = torch.cat(epoch)
@@ -443,5 +442,5 @@ def test_batches_dynamic_binarization():
 
 def test_batches_keep_device_and_values_without_binarization():
     images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    out = list(batches(images, 2, dynamic_binarize=False))
+    out = list(batches(images, 2, pixels="grey"))
     assert torch.equal(torch.cat(out), images) and all(b.device == images.device for b in out)

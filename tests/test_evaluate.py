@@ -12,15 +12,24 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Nor
 
 import evaluate
 import train
-import utils
 from data import DataError, load_test_set
 from model import VAE, VAEConfig
 from utils import load_checkpoint
 
 RESULT_KEYS = {
-    "test_neg_elbo", "test_recon", "test_kl", "test_nll", "bits_per_dim", "active_units", "knn_accuracy",
-    "n_images", "k", "model_config", "train_config", "epoch",
-}  # fmt: skip
+    "test_neg_elbo",
+    "test_recon",
+    "test_kl",
+    "test_nll",
+    "bits_per_dim",
+    "active_units",
+    "knn_accuracy",
+    "n_images",
+    "k",
+    "model_config",
+    "train_config",
+    "epoch",
+}
 DISTRIBUTION = {"bernoulli": Bernoulli, "cb": ContinuousBernoulli}
 
 
@@ -165,7 +174,7 @@ def test_active_units_counts_dims_with_posterior_mean_variance_above_0_01():
 @torch.inference_mode()
 def test_posterior_means_are_the_encoder_means_in_batches():
     model, images = random_vae(), random_images(7, "bernoulli")
-    torch.testing.assert_close(utils.posterior_means(model, images, batch_size=3), model.encode(images)[0])
+    torch.testing.assert_close(evaluate.posterior_means(model, images, batch_size=3), model.encode(images)[0])
 
 
 def brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors):
@@ -185,9 +194,11 @@ def test_knn_accuracy_equals_brute_force(monkeypatch):
     assert 0.3 < expected < 0.95  # neither trivial nor hopeless
     monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", 600 * 40)  # 40 queries per block: 4 blocks, the last short
     got = evaluate.knn_accuracy(
-        torch.from_numpy(queries), torch.from_numpy(query_labels),
-        torch.from_numpy(reference), torch.from_numpy(reference_labels),
-    )  # fmt: skip
+        torch.from_numpy(queries),
+        torch.from_numpy(query_labels),
+        torch.from_numpy(reference),
+        torch.from_numpy(reference_labels),
+    )
     assert got == pytest.approx(expected, abs=1e-12)
 
 
@@ -212,23 +223,50 @@ def evaluated(data_dir, tmp_path_factory):
     runs = {}
     for name, flags in CHECKPOINTS.items():
         out = tmp_path_factory.mktemp(name)
-        train.main(["--limit", "512", "--epochs", "1", "--latent-dim", "4", "--device", "cpu",
-                    "--data-dir", str(data_dir), "--out-dir", str(out), *flags])  # fmt: skip
+        train.main(
+            [
+                "--limit",
+                "512",
+                "--epochs",
+                "1",
+                "--latent-dim",
+                "4",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(out),
+                *flags,
+            ]
+        )
         ckpt, json_path = out / "ckpt.pt", out / "results.json"
         reference_sizes = []
         with pytest.MonkeyPatch.context() as patch:
             load_reference_set = evaluate.load_reference_set
 
-            def spy(*args, **kwargs):
+            def spy(*args, load_reference_set=load_reference_set, name=name, sizes=reference_sizes, **kwargs):
                 images, labels = load_reference_set(*args, **kwargs)
                 if name.startswith("conv"):
                     images, labels = images[:6000], labels[:6000]
-                reference_sizes.append(images.shape[0])
+                sizes.append(images.shape[0])
                 return images, labels
 
             patch.setattr(evaluate, "load_reference_set", spy)
-            results = evaluate.main(["--checkpoint", str(ckpt), "--k", str(K), "--limit", str(LIMIT),
-                                     "--json", str(json_path), "--device", "cpu"])  # fmt: skip
+            results = evaluate.main(
+                [
+                    "--checkpoint",
+                    str(ckpt),
+                    "--k",
+                    str(K),
+                    "--limit",
+                    str(LIMIT),
+                    "--json",
+                    str(json_path),
+                    "--device",
+                    "cpu",
+                ]
+            )
         assert reference_sizes == [6000 if name.startswith("conv") else 60000]  # --limit leaves the reference whole
         runs[name] = ckpt, results, json.loads(json_path.read_text())
     return runs
@@ -237,7 +275,11 @@ def evaluated(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_script_writes_every_result_with_sane_values(evaluated, name):
     ckpt, results, written = evaluated[name]
-    assert set(written) == RESULT_KEYS
+    dequantized = written["train_config"]["pixels"] == "dequantized"
+    assert set(written) == RESULT_KEYS | ({"bits_per_dim_8bit"} if dequantized else set())
+    if dequantized:  # the bound on the 8-bit images: + 784 ln 256 nats, in bits per pixel
+        expected = (written["test_nll"] + 784 * math.log(256)) / (784 * math.log(2))
+        assert written["bits_per_dim_8bit"] == pytest.approx(expected, rel=1e-12)
     assert written == json.loads(json.dumps(results))  # what main returns is what it wrote
     state, _ = load_checkpoint(ckpt)
     assert written["model_config"] == json.loads(json.dumps(state["model_config"]))
@@ -261,14 +303,19 @@ def test_script_nll_agrees_with_an_independent_estimate(evaluated, data_dir, nam
     ckpt, results, _ = evaluated[name]
     state, model = load_checkpoint(ckpt)
     model = model.double()
-    images, _ = load_test_set(data_dir, state["train_config"]["binarize"], model.config.likelihood, "cpu", LIMIT)
+    images, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", LIMIT)
     generator = torch.Generator().manual_seed(12345)
     with torch.inference_mode():
         log_px = [
-            torch.logsumexp(reference_log_weights(model, x, torch.randn(K, x.shape[0], 4, generator=generator,
-                                                                        dtype=torch.float64)), dim=0) - math.log(K)
+            torch.logsumexp(
+                reference_log_weights(
+                    model, x, torch.randn(K, x.shape[0], 4, generator=generator, dtype=torch.float64)
+                ),
+                dim=0,
+            )
+            - math.log(K)
             for x in images.double().split(50)
-        ]  # fmt: skip
+        ]
     assert -torch.cat(log_px).mean().item() == pytest.approx(results["test_nll"], abs=0.5)
 
 
@@ -309,9 +356,9 @@ def test_unusable_data_is_a_one_line_error(evaluated, monkeypatch, capsys):
 
 def test_checkpoint_without_its_binarization_is_a_one_line_error(evaluated, tmp_path, capsys):
     state = torch.load(evaluated["mlp-bernoulli"][0], weights_only=True)
-    state["train_config"]["binarize"] = "sometimes"
+    state["train_config"]["pixels"] = "sometimes"
     torch.save(state, tmp_path / "ckpt.pt")
-    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "binarize (one of")
+    check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "pixels (one of")
 
 
 def test_json_into_a_missing_folder_is_a_usage_error(tmp_path):

@@ -33,13 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--limit", "128", "--batch-size", "32", "--hidden-dims", "32", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the machine is shared, and runs compared with each other then use the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class QuietTqdm(tqdm):
@@ -204,7 +198,7 @@ def _flip_middle(path):
         ("train-images-idx3-ubyte", True, _truncate, "is corrupt"),
         ("t10k-labels-idx1-ubyte", True, _flip_middle, "is corrupt"),
     ],
-)  # fmt: skip
+)
 def test_bad_data_stops_before_training(capsys, tmp_path, data_dir, monkeypatch, name, gz, damage, says):
     """One IDX file missing or damaged (raw, or .gz with no raw copy), and no way to fetch it."""
     folder = data.raw_dir(tmp_path / "data")

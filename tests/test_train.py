@@ -15,12 +15,7 @@ from utils import load_checkpoint
 TINY = ["--limit", "256", "--batch-size", "64", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread costs more than it brings on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(tmp_path, data_dir, *flags, name="run"):
@@ -39,7 +34,7 @@ def independent_neg_elbo(ckpt, data_dir, n_samples=20):
     n_samples draws of z: nothing of model.py's loss code is used."""
     state, model = load_checkpoint(ckpt)
     config = state["train_config"]
-    x, _ = load_test_set(data_dir, config["binarize"], model.config.likelihood, "cpu", config["limit"])
+    x, _ = load_test_set(data_dir, config["pixels"], "cpu", config["limit"])
     x = x.double()
     model.double()
     mu, logvar = model.encode(x)
@@ -101,8 +96,26 @@ def test_iwae_schedule_is_burda_et_al():
 
 def test_bench_measures_all_three_in_one_run(tmp_path, data_dir):
     out = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--limit", "256", "--epochs", "1", "--eval-k", "4", "--eval-images", "4",
-                "--hidden-dims", "32", "--data-dir", str(data_dir), "--json", str(out)])  # fmt: skip
+    bench.main(
+        [
+            "--device",
+            "cpu",
+            "--limit",
+            "256",
+            "--epochs",
+            "1",
+            "--eval-k",
+            "4",
+            "--eval-images",
+            "4",
+            "--hidden-dims",
+            "32",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     for key in ("images_per_s", "baseline_images_per_s", "gemm_bound_images_per_s", "eval_images_per_s"):
         assert r[key] > 0

@@ -65,8 +65,23 @@ def test_tile_keeps_images_upright_and_in_row_major_order():
 
 
 def train_tiny(out_dir, data_dir, *model_args):
-    train.main(["--epochs", "1", "--limit", "512", "--hidden-dims", "32", "--out-dir", str(out_dir),
-                "--data-dir", str(data_dir), "--device", "cpu", *model_args])  # fmt: skip
+    train.main(
+        [
+            "--epochs",
+            "1",
+            "--limit",
+            "512",
+            "--hidden-dims",
+            "32",
+            "--out-dir",
+            str(out_dir),
+            "--data-dir",
+            str(data_dir),
+            "--device",
+            "cpu",
+            *model_args,
+        ]
+    )
     return out_dir / "ckpt.pt"
 
 
@@ -114,8 +129,9 @@ def test_the_log_is_read_as_train_py_writes_it(cb_checkpoint):
 
 
 def test_compare(bernoulli_checkpoint, cb_checkpoint, tmp_path):
-    visualize.main(["--compare", str(bernoulli_checkpoint), str(cb_checkpoint), "--plots-dir", str(tmp_path),
-                    "--device", "cpu"])  # fmt: skip
+    visualize.main(
+        ["--compare", str(bernoulli_checkpoint), str(cb_checkpoint), "--plots-dir", str(tmp_path), "--device", "cpu"]
+    )
     assert_png(tmp_path / "compare_bernoulli_cb.png")
     assert [p.name for p in tmp_path.iterdir()] == ["compare_bernoulli_cb.png"]
 
@@ -128,8 +144,17 @@ def one_line_error(capsys):
 
 def test_compare_refuses_the_checkpoints_swapped(bernoulli_checkpoint, cb_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        visualize.main(["--compare", str(cb_checkpoint), str(bernoulli_checkpoint), "--plots-dir", str(tmp_path),
-                        "--device", "cpu"])  # fmt: skip
+        visualize.main(
+            [
+                "--compare",
+                str(cb_checkpoint),
+                str(bernoulli_checkpoint),
+                "--plots-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
     assert exit_info.value.code == 1
     assert "BERNOULLI_CKPT CB_CKPT" in one_line_error(capsys)
 
