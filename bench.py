@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -156,58 +157,75 @@ def main(argv=None):
     device = pick_device(args.device, parser)
     config = config_from_args(VAEConfig, args)
     pixels = resolve_pixels(args.pixels, config.likelihood)
-    train_config = train.TrainConfig(batch_size=args.batch_size, pixels=pixels, compile=args.compile)
     try:
         ensure_mnist(args.data_dir)
         train_images, _ = load_train_set(args.data_dir, device, args.limit)
         test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)
     except DataError as e:
         fail(str(e))
-    n_train, n_test = train_images.shape[0], test_images.shape[0]
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {config}, batch {args.batch_size}, pixels: {pixels}")
-
-    # Ours: the very functions train.py runs.
     torch.manual_seed(0)
     model = VAE(config).to(device)
+    train_config = train.TrainConfig(batch_size=args.batch_size, pixels=pixels, compile=args.compile)
+    runs, epoch_flops = make_runs(model, train_config, train_images, test_images, args.data_dir)
+    seconds = interleaved_seconds(runs, args.epochs, device)
+    eval_images_per_s = eval_throughput(model, test_images[: args.eval_images], args.eval_k, device)
+    results = summarize(args, device, config, train_images.shape[0], test_images.shape[0], seconds, epoch_flops)
+    results["eval_images_per_s"] = eval_images_per_s
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+def make_runs(model, train_config, train_images, test_images, data_dir):
+    """The three epochs to time, as functions: ours, the baseline and the GEMM bound; and the epoch's FLOPs."""
+    device, (n_train, n_test) = train_images.device, (train_images.shape[0], test_images.shape[0])
+    # Ours: the very functions train.py runs.
     step = train.make_train_step(model, train.make_optimizer(model, train_config), train_config)
     run_ours = lambda: our_epoch(model, step, train_images, test_images, train_config)  # noqa: E731
-
     # Baseline: pytorch/examples' loop, on a model of the same configuration with the same loss.
-    baseline_model = VAE(config).to(device)
+    baseline_model = VAE(model.config).to(device)
     optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)
     loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
     train_loader, test_loader = (
         DataLoader(
-            Subset(torchvision.datasets.MNIST(args.data_dir, train=split, transform=ToTensor()), range(n)),
-            batch_size=args.batch_size,
+            Subset(torchvision.datasets.MNIST(data_dir, train=split, transform=ToTensor()), range(n)),
+            batch_size=train_config.batch_size,
             shuffle=split,
             **loader_kwargs,
         )
         for split, n in ((True, n_train), (False, n_test))
     )
     run_baseline = lambda: baseline_epoch(baseline_model, optimizer, train_loader, test_loader, device)  # noqa: E731
+    run_gemms, epoch_flops = gemm_epoch(gemm_plan(model, n_train, n_test, train_config.batch_size), device)
+    return {"ours": run_ours, "baseline": run_baseline, "bound": run_gemms}, epoch_flops
 
-    run_gemms, epoch_flops = gemm_epoch(gemm_plan(model, n_train, n_test, args.batch_size), device)
 
-    # One warm-up epoch of each (compilation included), then the three in turn, so that a slow spell of
-    # the machine hits them alike; each keeps its fastest epoch, the least disturbed one.
-    runs = {"ours": run_ours, "baseline": run_baseline, "bound": run_gemms}
+def interleaved_seconds(runs, epochs, device):
+    """One warm-up epoch of each (compilation included), then `epochs` rounds of the runs in turn, so that a
+    slow spell of the machine hits them alike. Returns each run's epoch times."""
     seconds = {name: [] for name in runs}
-    for round_ in range(args.epochs + 1):
+    for round_ in range(epochs + 1):
         for name, run in runs.items():
             elapsed, _ = timed(run, device)
             if round_ > 0:
                 seconds[name].append(elapsed)
-    eval_images_per_s = eval_throughput(model, test_images[: args.eval_images], args.eval_k, device)
+    return seconds
 
-    ours_s, baseline_s, bound_seconds = (min(seconds[name]) for name in runs)
-    results = {
+
+def summarize(args, device, config, n_train, n_test, seconds, epoch_flops):
+    """The results, each loop by its fastest epoch, the least disturbed one."""
+    ours_s, baseline_s, bound_s = (min(seconds[name]) for name in ("ours", "baseline", "bound"))
+    return {
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "model_config": {**config.__dict__, "hidden_dims": list(config.hidden_dims)},
+        "model_config": {**asdict(config), "hidden_dims": list(config.hidden_dims)},
         "batch_size": args.batch_size,
         "n_train": n_train,
         "n_test": n_test,
@@ -216,23 +234,16 @@ def main(argv=None):
         "seconds_each_epoch": seconds,
         "seconds_per_epoch": ours_s,
         "baseline_seconds_per_epoch": baseline_s,
-        "gemm_bound_seconds_per_epoch": bound_seconds,
+        "gemm_bound_seconds_per_epoch": bound_s,
         "images_per_s": n_train / ours_s,
         "baseline_images_per_s": n_train / baseline_s,
-        "gemm_bound_images_per_s": n_train / bound_seconds,
+        "gemm_bound_images_per_s": n_train / bound_s,
         "speedup": baseline_s / ours_s,
-        "gemm_bound_fraction": bound_seconds / ours_s,
+        "gemm_bound_fraction": bound_s / ours_s,
         "gemm_gflop_per_epoch": epoch_flops / 1e9,
-        "gemm_gflop_per_s": epoch_flops / bound_seconds / 1e9,
+        "gemm_gflop_per_s": epoch_flops / bound_s / 1e9,
         "eval_k": args.eval_k,
-        "eval_images_per_s": eval_images_per_s,
     }
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
-    return results
 
 
 def eval_throughput(model, images, k, device):

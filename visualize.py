@@ -26,6 +26,7 @@ N_RECONSTRUCTIONS = 10
 SAMPLES_SIDE = 10
 DPI = 120
 COMPARE_FILE = "compare_bernoulli_cb.png"
+WAYS_FILE = "ways_of_fitting.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
 LOG_KEYS = {"epoch", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
 
@@ -214,13 +215,13 @@ def read_log(log_path):
 
 def plot_training_curves(records, beta, path):
     epochs = [r["epoch"] for r in records]
-    # The training loss is averaged over the epoch while the model improves, and weighs the KL by beta;
-    # with beta = 1 it is the negative ELBO, like the test loss.
-    train_label = "train" if beta == 1 else f"train (recon + {beta:g} KL)"
+    # The training loss is averaged over the epoch while the model improves, and is the bound the run
+    # trains (logs older than train_bound: the ELBO with its KL weighed by beta); the test loss is -ELBO.
+    bound = records[-1].get("train_bound") or ("-ELBO" if beta == 1 else f"recon + {beta:g} KL")
     fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", markersize=3, label=train_label)
-    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", markersize=3, label="test")
-    loss_ax.set(title="Negative ELBO", xlabel="epoch", ylabel="nats / image")
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", markersize=3, label=f"train, {bound}")
+    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", markersize=3, label="test, -ELBO")
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="nats / image")
     loss_ax.legend()
     kl_ax.plot(epochs, [r["test_kl"] for r in records], "o-", markersize=3, color="tab:green")
     kl_ax.set(title="Test KL(q(z|x) || p(z))", xlabel="epoch", ylabel="nats / image")
@@ -284,6 +285,46 @@ def load_for_compare(paths, data_dir, device):
     return loaded, [data_dir or state["train_config"]["data_dir"] for state, _ in loaded]
 
 
+# --------------------------------------------------------------------------------------------- --ways-of-fitting
+
+
+def plot_ways_of_fitting(runs, path):
+    """Test -ELBO (solid) and, for IWAE runs, the test -L_k they train (dashed), against epoch and wall time.
+
+    runs: [(label, log records)], each record as train.py logs it.
+    """
+    fig, (epoch_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for (label, records), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+        epochs = [r["epoch"] for r in records]
+        minutes = torch.tensor([r["seconds"] for r in records]).cumsum(0).div(60).tolist()
+        bound_key = next((key for key in records[0] if key.startswith("test_neg_l")), None)
+        for ax, xs in ((epoch_ax, epochs), (time_ax, minutes)):
+            ax.plot(xs, [r["test_loss"] for r in records], "-", color=color, label=f"{label}: test -ELBO")
+            if bound_key is not None:
+                k = bound_key.removeprefix("test_neg_l")
+                ax.plot(xs, [r[bound_key] for r in records], "--", color=color, label=f"{label}: test -L_{k}")
+    epoch_ax.set(title="Test loss by epoch", xlabel="epoch", ylabel="nats / image")
+    time_ax.set(title="Test loss by wall time (training and test passes)", xlabel="minutes")
+    time_ax.legend(fontsize=8)
+    for ax in (epoch_ax, time_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def load_runs(run_dirs):
+    """[(label, log records)] of train.py's runs in these folders; the label says how each was fitted."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        state, _ = load_checkpoint(run_dir / "ckpt.pt")
+        records = read_log(run_dir / "log.jsonl")
+        if records is None:
+            raise CheckpointError(f"{run_dir / 'log.jsonl'} is needed for --ways-of-fitting; train the run anew")
+        c = state["train_config"]
+        runs.append((f"{c['objective'].upper()}, {c['estimator']}, k = {c['k']}", records))
+    return runs
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -297,6 +338,12 @@ def build_parser():
         nargs=2,
         metavar=("BERNOULLI_CKPT", "CB_CKPT"),
         help=f"instead of the five figures, write {COMPARE_FILE} for these two models",
+    )
+    p.add_argument(
+        "--ways-of-fitting",
+        nargs="+",
+        metavar="RUN_DIR",
+        help=f"instead, write {WAYS_FILE}: the test loss of these train.py runs by epoch and by wall time",
     )
     add_device_arg(p)
     return p
@@ -331,6 +378,10 @@ def main(argv=None):
             (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
             plots_dir.mkdir(parents=True, exist_ok=True)
             plot_compare(bernoulli, cb, data_dirs, device, plots_dir / COMPARE_FILE)
+        elif args.ways_of_fitting:
+            runs = load_runs(args.ways_of_fitting)
+            plots_dir.mkdir(parents=True, exist_ok=True)
+            plot_ways_of_fitting(runs, plots_dir / WAYS_FILE)
         else:
             state, model = load_checkpoint(args.checkpoint, device)
             plots_dir.mkdir(parents=True, exist_ok=True)

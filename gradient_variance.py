@@ -1,0 +1,138 @@
+"""How noisy each way of fitting is: `python gradient_variance.py --checkpoint out/ckpt.pt` (see --help).
+
+For the checkpoint's model and for the same model at initialisation, on one fixed batch of test images
+(presented as in training), it draws the encoder's gradient many times with each estimator and k:
+  pathwise  through z = mu + sigma * eps (the reparameterization trick, Kingma & Welling 2014);
+  score     through log q(z|x), with the leave-one-out baseline for k >= 2 and none for k = 1
+            (Williams 1992; Kool et al. 2019; for L_k, VIMCO, Mnih & Rezende 2016).
+It reports, per estimator and k, the variance of each parameter's gradient across the draws, averaged over
+the encoder's parameters, and the signal-to-noise ratio |mean| / std, averaged likewise (Rainforth et al.
+2018). Writes gradient_variance.png into --plots-dir and, with --json, the numbers.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from data import DataError, load_test_set, load_train_set  # noqa: E402
+from model import ESTIMATORS, OBJECTIVES, VAE  # noqa: E402
+from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, positive_int  # noqa: E402
+
+KS = (1, 2, 5, 10, 50)
+FIGURE = "gradient_variance.png"
+
+
+def encoder_parameters(model):
+    """The parameters of q(z|x): the encoder's body and its two heads."""
+    return [p for name, p in model.named_parameters() if name.startswith(("encoder.", "to_mu.", "to_logvar."))]
+
+
+def encoder_gradients(model, x, draws, objective, k, estimator, generator):
+    """`draws` independent estimates of the gradient of the batch's loss w.r.t. the encoder's parameters:
+    (draws, P), one row per draw, all parameters flattened."""
+    params = encoder_parameters(model)
+    rows = []
+    for _ in range(draws):
+        surrogate, _ = model.loss(x, objective, k, estimator, generator=generator)
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, params)]))
+    return torch.stack(rows)
+
+
+def noise_summary(grads):
+    """Mean over parameters of the per-parameter variance across draws, and of |mean| / std (parameters
+    whose gradient is exactly 0 in every draw, such as weights of always-black pixels, are left out)."""
+    mean, var = grads.mean(0), grads.var(0)
+    alive = var > 0
+    return {"variance": var[alive].mean().item(), "snr": (mean[alive].abs() / var[alive].sqrt()).mean().item()}
+
+
+def measure(model, x, draws, objective, seed):
+    """{estimator: {k: noise_summary}} for every estimator and k in KS; the same seed for each cell."""
+    table = {}
+    for estimator in ESTIMATORS:
+        table[estimator] = {}
+        for k in KS:
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            grads = encoder_gradients(model, x, draws, objective, k, estimator, generator)
+            table[estimator][k] = noise_summary(grads)
+            cell = table[estimator][k]
+            print(f"  {estimator:8s} k={k:3d}  variance {cell['variance']:.3e}  snr {cell['snr']:.3f}")
+    return table
+
+
+def initial_model(state, model, train_images_mean):
+    """The model as the run began: train.py seeds, builds and sets the output bias in this order."""
+    torch.manual_seed(state["train_config"]["seed"])
+    init = VAE(model.config).to(train_images_mean.device)
+    init.init_output_bias(train_images_mean)
+    return init
+
+
+def plot(results, path):
+    fig, (var_ax, snr_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for which, style in (("trained", "o-"), ("initial", "s--")):
+        for estimator, color in zip(ESTIMATORS, ("tab:blue", "tab:red"), strict=True):
+            cells = results[which][estimator]
+            label = f"{estimator}, {which}"
+            var_ax.plot(KS, [cells[k]["variance"] for k in KS], style, color=color, label=label)
+            snr_ax.plot(KS, [cells[k]["snr"] for k in KS], style, color=color, label=label)
+    var_ax.set(title="Encoder gradient: variance per parameter", ylabel="mean over parameters")
+    snr_ax.set(title="Encoder gradient: signal-to-noise |mean| / std", ylabel="mean over parameters")
+    for ax in (var_ax, snr_ax):
+        ax.set(xscale="log", yscale="log", xlabel="k, samples per image")
+        ax.set_xticks(KS, [str(k) for k in KS])
+        ax.grid(alpha=0.3, which="both")
+    snr_ax.legend(fontsize=8)
+    fig.suptitle(f"{results['objective'].upper()}, {results['n_images']} test images, {results['draws']} draws each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt", help="written by train.py (default: %(default)s)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="elbo", help="whose gradient (default: %(default)s)")
+    p.add_argument("--images", type=positive_int, default=100, help="the fixed batch (default: %(default)s)")
+    p.add_argument("--draws", type=positive_int, default=100, help="draws per estimator and k (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
+    p.add_argument("--plots-dir", default="plots", help=f"where {FIGURE} goes (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the numbers to this JSON file")
+    add_device_arg(p)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    try:
+        state, model = load_checkpoint(args.checkpoint, device)
+        train_config = state["train_config"]
+        data_dir = args.data_dir or train_config["data_dir"]
+        x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
+        train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
+    except (CheckpointError, DataError) as e:
+        fail(str(e))
+    results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
+    for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
+        print(f"{which} model:")
+        results[which] = measure(m.train(), x, args.draws, args.objective, args.seed)
+    Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
+    plot(results, Path(args.plots_dir) / FIGURE)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

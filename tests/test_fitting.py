@@ -1,0 +1,199 @@
+"""The ways of fitting: the ELBO and IWAE objectives, the pathwise and score-function gradient estimators.
+
+Estimators are checked against each other: two unbiased estimators of the same gradient have the same mean,
+so for every encoder parameter the difference of their sample means, divided by its standard error, is
+approximately N(0, 1). The tests take the largest |z| over all parameters; with P parameters, the chance
+that it exceeds Z_MAX when both are unbiased is at most P * 2 * (1 - Phi(Z_MAX)) (Bonferroni): for
+P ~ 1600 and Z_MAX = 5.5 that is 1600 * 3.8e-8 = 6e-5. A real bias shows as |z| in the tens.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+import gradient_variance
+import model as model_module
+import train
+import visualize
+from data import load_test_set
+from evaluate import mean_neg_iwae_bound
+from gradient_variance import encoder_gradients, noise_summary
+from model import VAE, VAEConfig, log_likelihood
+from utils import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+Z_MAX = 5.5
+DRAWS = 2000
+TINY = "--batch-size 64 --hidden-dims 32 --latent-dim 4 --device cpu".split()
+
+
+def tiny_vae(likelihood="bernoulli", seed=0):
+    torch.manual_seed(seed)
+    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(2,), likelihood=likelihood)).double()
+    with torch.no_grad():  # a posterior with some spread: otherwise every estimator is nearly exact
+        vae.to_logvar.bias.fill_(-0.5)
+    return vae
+
+
+def tiny_x(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g, dtype=F64).bernoulli(generator=g)
+
+
+def grads(vae, x, objective, k, estimator, seed, draws=DRAWS):
+    return encoder_gradients(vae, x, draws, objective, k, estimator, torch.Generator().manual_seed(seed))
+
+
+def max_z(a, b):
+    """The largest |difference of means| / standard error over the parameters (both (draws, P))."""
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    alive = se > 0
+    return ((a.mean(0) - b.mean(0))[alive].abs() / se[alive]).max().item()
+
+
+def test_iwae_at_k_1_is_the_elbo_with_a_sampled_kl():
+    """Same z draws (same seed): -L_1 = -log p(x|z) + log q(z|x) - log p(z), recomputed with torch.distributions."""
+    vae, x = tiny_vae(), tiny_x()
+    _, neg_l1 = vae.loss(x, "iwae", 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mu, logvar = vae.encode(x)
+        z = vae.reparameterize(mu, logvar, torch.Generator().manual_seed(5))  # the same eps
+        q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+        prior = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+        expected = -log_likelihood(vae.decode(z), x, "bernoulli") + q.log_prob(z) - prior.log_prob(z)
+    torch.testing.assert_close(neg_l1, expected, rtol=1e-12, atol=1e-10)
+
+
+def test_elbo_with_k_samples_averages_k_one_sample_elbos():
+    vae, x = tiny_vae(), tiny_x()
+    _, neg_elbo = vae.loss(x, "elbo", 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        mu, logvar = vae.encode(x)
+        z = vae.reparameterize(
+            mu.expand(4, *mu.shape), logvar.expand(4, *logvar.shape), torch.Generator().manual_seed(6)
+        )
+        recon = -torch.stack([log_likelihood(vae.decode(zi), x, "bernoulli") for zi in z]).mean(0)
+        expected = recon + model_module.kl_std_normal(mu, logvar)
+    torch.testing.assert_close(neg_elbo, expected, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_score_function_gradient_is_unbiased(objective, k):
+    """Score-function and pathwise estimates of the encoder's gradient have the same mean."""
+    vae, x = tiny_vae(), tiny_x()
+    pathwise = grads(vae, x, objective, k, "pathwise", seed=1, draws=500)
+    score = grads(vae, x, objective, k, "score", seed=2)
+    assert max_z(score, pathwise) < Z_MAX
+
+
+def test_a_biased_score_estimator_is_caught(monkeypatch):
+    """The check above can fail: a baseline that includes the sample's own term (b_i = the mean of all k f_j,
+    f_i among them) shrinks the learning signal (f_i - b_i) / k by (k - 1)/k: a 20 % bias at k = 5."""
+    vae, x = tiny_vae(), tiny_x()
+    pathwise = grads(vae, x, "elbo", 5, "pathwise", seed=1, draws=500)
+    monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: total(f) - (f - f.mean(0)) / f.shape[0])
+    biased = grads(vae, x, "elbo", 5, "score", seed=2)
+    assert max_z(biased, pathwise) > Z_MAX
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_leave_one_out_baseline_keeps_the_mean_and_lowers_the_variance(objective, monkeypatch):
+    vae, x = tiny_vae(), tiny_x()
+    with_baseline = grads(vae, x, objective, 5, "score", seed=3)
+    monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: torch.zeros_like(f))  # b = 0
+    without = grads(vae, x, objective, 5, "score", seed=4)
+    assert max_z(with_baseline, without) < Z_MAX
+    assert noise_summary(with_baseline)["variance"] < 0.5 * noise_summary(without)["variance"]
+
+
+def test_noise_summary_is_the_per_parameter_variance_and_snr():
+    g = torch.tensor([[1.0, 0.0, 3.0], [3.0, 0.0, 5.0], [2.0, 0.0, 7.0]], dtype=F64)  # column 1 never moves
+    summary = noise_summary(g)
+    assert summary["variance"] == pytest.approx((1.0 + 4.0) / 2)
+    assert summary["snr"] == pytest.approx((2.0 / 1.0 + 5.0 / 2.0) / 2)
+
+
+def test_iwae_bound_rises_with_k_on_a_trained_model(tmp_path, data_dir):
+    train.main([*TINY, "--limit", "512", "--epochs", "3", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
+    state, vae = load_checkpoint(tmp_path / "ckpt.pt")
+    x, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", 256)
+    bounds = [mean_neg_iwae_bound(vae, x, k).item() for k in (1, 5, 50)]
+    assert bounds[0] > bounds[1] + 0.1 > bounds[2] + 0.2, bounds
+
+
+@pytest.mark.parametrize(
+    "flags", ["", "--objective iwae --k 5", "--estimator score --k 5", "--objective iwae --k 3 --estimator score"]
+)
+def test_every_way_of_fitting_trains_and_resumes_exactly(tmp_path, data_dir, flags):
+    flags = flags.split()
+    common = [*TINY, "--limit", "512", "--lr", "3e-3", "--data-dir", str(data_dir), *flags]
+    train.main([*common, "--epochs", "3", "--out-dir", str(tmp_path / "straight")])
+    train.main([*common, "--epochs", "1", "--out-dir", str(tmp_path / "resumed")])
+    train.main(
+        [
+            "--resume",
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path / "resumed"),
+        ]
+    )
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("straight", "resumed")
+    ]
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    straight = logs[0]
+    assert straight[-1]["test_loss"] < straight[0]["test_loss"] - 1.0  # it learns
+    objective = "iwae" if "iwae" in flags else "elbo"
+    k = int(flags[flags.index("--k") + 1]) if "--k" in flags else 1
+    assert straight[0]["train_bound"] == (f"-L_{k}" if objective == "iwae" else "-ELBO")
+    if objective == "iwae":  # the test bound it trains is logged too, and is tighter than the test ELBO
+        assert all(r[f"test_neg_l{k}"] < r["test_loss"] for r in straight)
+    assert math.isfinite(straight[-1]["train_loss"])
+
+
+def test_gradient_variance_script_writes_its_figure_and_json(tmp_path, data_dir, monkeypatch):
+    run = ["--limit", "256", "--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")]
+    train.main([*TINY, *run])
+    monkeypatch.setattr(gradient_variance, "KS", (1, 2, 5))
+    plots, json_path = tmp_path / "plots", tmp_path / "gv.json"
+    args = "--images 8 --draws 20 --device cpu".split()
+    results = gradient_variance.main(
+        [*args, "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--plots-dir", str(plots), "--json", str(json_path)]
+    )
+    assert (tmp_path / "plots" / "gradient_variance.png").stat().st_size > 10_000
+    written = json.loads((tmp_path / "gv.json").read_text())
+    for which in ("trained", "initial"):
+        for k in ("1", "2", "5"):
+            pathwise, score = written[which]["pathwise"][k], written[which]["score"][k]
+            assert score["variance"] > pathwise["variance"] > 0
+    assert written["trained"]["pathwise"]["1"] == results["trained"]["pathwise"][1]
+    assert written["trained"] != written["initial"]
+
+
+def test_ways_of_fitting_figure_reads_every_run(tmp_path, data_dir, monkeypatch):
+    common = [*TINY, "--limit", "128", "--epochs", "2", "--data-dir", str(data_dir)]
+    train.main([*common, "--out-dir", str(tmp_path / "elbo")])
+    train.main([*common, "--objective", "iwae", "--k", "3", "--out-dir", str(tmp_path / "iwae")])
+    drawn = []
+    real = visualize.plot_ways_of_fitting
+    monkeypatch.setattr(visualize, "plot_ways_of_fitting", lambda runs, path: (drawn.append(runs), real(runs, path)))
+    visualize.main(
+        ["--ways-of-fitting", str(tmp_path / "elbo"), str(tmp_path / "iwae"), "--plots-dir", str(tmp_path / "plots")]
+    )
+    assert (tmp_path / "plots" / "ways_of_fitting.png").stat().st_size > 10_000
+    (runs,) = drawn
+    assert [label for label, _ in runs] == ["ELBO, pathwise, k = 1", "IWAE, pathwise, k = 3"]
+    assert [len(records) for _, records in runs] == [2, 2] and "test_neg_l3" in runs[1][1][0]

@@ -1,0 +1,151 @@
+"""How pixels are presented (--pixels): dequantization's bins and freshness, the default run's settings, the
+continuous Bernoulli's bounded logits on dequantized pixels, and checkpoints written with --binarize."""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import train
+from data import SCORED_SPLIT_SEED, batches, load_mnist, load_test_set, present, resolve_pixels
+from model import VAE, VAEConfig
+from utils import config_from_args, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def grey_levels(n=64, seed=0):
+    """n images of every grey level k/255, k = 0..255 included, as load_mnist makes them."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 256, (n, 1, 28, 28), generator=g)
+    k.view(n, -1)[0, :256] = torch.arange(256)
+    return k.float().div_(255), k
+
+
+def test_dequantized_pixels_stay_inside_their_bins():
+    images, k = grey_levels()
+    for seed in range(5):
+        x = present(images, "dequantized", torch.Generator().manual_seed(seed))
+        assert x.dtype == torch.float32
+        assert (x >= k / 256).all() and (x < (k + 1) / 256).all()  # [k/256, (k+1)/256), exactly in float32
+        assert (x > 0).float().mean() > 0.99 and (x < 1).all()  # never 1; 0 only when u is exactly 0
+
+
+def test_dequantization_noise_is_uniform_within_the_bin():
+    images, k = grey_levels(n=200)
+    u = present(images, "dequantized", torch.Generator().manual_seed(1)) * 256 - k  # (k + u) / 256 -> u
+    n = u.numel()  # 156800 draws of U[0, 1): mean 1/2 and variance 1/12, each within 6 standard errors
+    assert abs(u.mean().item() - 0.5) < 6 * (1 / 12 / n) ** 0.5
+    assert abs(u.var().item() - 1 / 12) < 6 * (1 / 180 / n) ** 0.5  # Var of (u - 1/2)^2 is 1/80 - 1/144 = 1/180
+
+
+def test_dequantized_batches_are_fresh_each_epoch():
+    images, _ = grey_levels(n=10)
+    g = torch.Generator().manual_seed(2)
+    first, second = (torch.cat(list(batches(images, 4, pixels="dequantized", generator=g))) for _ in range(2))
+    assert not torch.equal(first, second)
+    assert torch.equal((first * 256).floor(), (second * 256).floor())  # the same bins
+
+
+def test_scored_test_set_is_dequantized_once_with_a_fixed_seed(data_dir):
+    torch.manual_seed(123)  # the global random state must not matter
+    a, _ = load_test_set(data_dir, "dequantized", "cpu", limit=300)
+    torch.manual_seed(456)
+    b, _ = load_test_set(data_dir, "dequantized", "cpu", limit=100)
+    assert torch.equal(a[:100], b)
+    grey, _ = load_mnist(data_dir, train=False, limit=300)
+    expected = present(
+        load_mnist(data_dir, train=False)[0], "dequantized", torch.Generator().manual_seed(SCORED_SPLIT_SEED)
+    )
+    assert torch.equal(a, expected[:300])
+    assert torch.equal((a * 256).floor(), (grey * 255).round())  # each pixel in the bin of its grey level
+
+
+def test_default_run_is_the_documented_model():
+    """`python train.py` with no flags: the Bernoulli decoder on dynamically binarized MNIST, 2-D latent."""
+    args = train.build_parser().parse_args([])
+    model_config, config = config_from_args(VAEConfig, args), config_from_args(train.TrainConfig, args)
+    assert model_config == VAEConfig(
+        latent_dim=2, arch="mlp", hidden_dims=(512, 256), activation="relu", likelihood="bernoulli"
+    )
+    assert resolve_pixels(config.pixels, model_config.likelihood) == "binary"
+    assert (config.epochs, config.batch_size, config.lr, config.objective, config.k, config.estimator) == (
+        30,
+        128,
+        1e-3,
+        "elbo",
+        1,
+        "pathwise",
+    )
+    assert resolve_pixels("auto", "cb") == "dequantized"
+
+
+def test_cb_on_dequantized_pixels_keeps_bounded_logits(tmp_path, data_dir):
+    """On pixels that are exactly 0 a CB decoder gains density without bound by pushing logits to -inf; on
+    dequantized pixels a background pixel's best logit is finite: x in [0, 1/256) has mean 1/512, and
+    E[log p] ~ -|l|/512 + log|l| peaks at l = -512. 160 steps at a high learning rate show the difference."""
+    flags = [
+        "--likelihood",
+        "cb",
+        "--limit",
+        "1024",
+        "--batch-size",
+        "64",
+        "--hidden-dims",
+        "64",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--lr",
+        "1e-2",
+        "--epochs",
+        "10",
+    ]
+    smallest = {}
+    for pixels in ("dequantized", "grey"):
+        train.main([*flags, "--pixels", pixels, "--out-dir", str(tmp_path / pixels)])
+        state, vae = load_checkpoint(tmp_path / pixels / "ckpt.pt")
+        x, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", 256)
+        with torch.no_grad():
+            logits = vae.decode(vae.encode(x)[0])  # (256, 1, 28, 28)
+        assert torch.isfinite(logits).all()
+        smallest[pixels] = logits.min().item()
+    assert smallest["dequantized"] > -1000, smallest  # near the optimum of the bin, far above -1e4
+    assert smallest["grey"] < -1500, smallest  # exact zeros keep pulling: the check can fail
+
+
+@pytest.mark.parametrize(
+    "binarize, likelihood, pixels",
+    [
+        ("auto", "bernoulli", "binary"),
+        ("auto", "cb", "grey"),
+        ("none", "cb", "grey"),
+        ("none", "bernoulli", "grey"),
+        ("dynamic", "cb", "binary"),
+    ],
+)
+def test_checkpoints_written_with_binarize_load_and_keep_their_meaning(tmp_path, binarize, likelihood, pixels):
+    config = VAEConfig(latent_dim=2, hidden_dims=(8,), likelihood=likelihood)
+    vae = VAE(config)
+    state_dict = vae.state_dict()
+    # the layout of that version: the decoder's last layer inside the decoder (decoder.1 of the MLP)
+    legacy = {(k.replace("to_logits.", "decoder.1.")): v for k, v in state_dict.items()}
+    train_config = {
+        k: v for k, v in asdict(train.TrainConfig()).items() if k not in ("pixels", "objective", "k", "estimator")
+    }
+    save_checkpoint(
+        tmp_path / "old.pt",
+        {
+            "model": legacy,
+            "model_config": asdict(config),
+            "train_config": {**train_config, "binarize": binarize},
+            "epoch": 3,
+        },
+    )
+    state, loaded = load_checkpoint(tmp_path / "old.pt")
+    assert state["train_config"]["pixels"] == pixels and "binarize" not in state["train_config"]
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state_dict[name]), name
+    # and train.py can resume it: the missing settings of that version take their defaults
+    assert train.TrainConfig(**state["train_config"]).objective == "elbo"
