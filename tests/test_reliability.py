@@ -59,12 +59,19 @@ def shown_lines(err):
 
 def run_main(capsys, *argv):
     """train.main(argv) -> (exit code, stdout, shown stderr lines)."""
+    return run_script(capsys, train.main, *argv)
+
+
+def run_script(capsys, main, *argv):
+    """A script's main(argv) -> (exit code, stdout, shown stderr lines)."""
     capsys.readouterr()
     try:
-        train.main([str(a) for a in argv])
+        main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:  # left alone, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped main: a user would see a traceback")
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, shown_lines(err)
