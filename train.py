@@ -28,6 +28,7 @@ from utils import (
     pick_device,
     save_checkpoint,
     stop_on_ctrl_c,
+    verify_checksums,
     write_atomic,
 )
 
@@ -192,6 +193,10 @@ def resume_run(args, device):
             f"cannot resume: the optimizer / random state in {ckpt_path} is missing or does not fit "
             f"({type(e).__name__}: {e})"
         )
+    try:  # they fit; are they the bytes that were saved? (load_checkpoint has checked the model's)
+        verify_checksums(state, ckpt_path, ["optimizer", "rng"])
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
     train_images, test_images = load_data(config, device)  # last: whatever is wrong above costs no loading time
     keep_log_until(ckpt_path.parent / "log.jsonl", epoch)
     return Run(config, model, optimizer, train_images, test_images, epoch, device)

@@ -4,6 +4,7 @@ checkpoints."""
 import argparse
 import errno
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -219,10 +220,53 @@ def write_json(path, obj, flag):
 
 # --------------------------------------------------------------------------------------------- checkpoints
 
+# The parts of a checkpoint whose tensors carry a checksum: load_checkpoint verifies the model's, train.py's
+# --resume the others, each once it has checked that the part fits.
+CHECKSUMMED = {"model": "model weights", "optimizer": "optimizer state", "rng": "random-number state"}
+
 
 def save_checkpoint(path, state):
-    """Write atomically (write_atomic): a kill at any moment leaves either the old checkpoint or the new one, whole."""
+    """Write `state` with the checksums of its tensors, atomically (write_atomic)."""
+    state = {**state, "checksum": {part: tensor_digest(state[part]) for part in CHECKSUMMED if part in state}}
     write_atomic(path, lambda f: torch.save(state, f))
+
+
+def tensor_digest(obj):
+    """sha256 of the name, dtype, shape and bytes of every tensor in nested dicts and lists, in a fixed order."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors(obj):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def named_tensors(obj, name=""):
+    """(name, tensor) for every tensor in nested dicts (in the order of their keys), lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from named_tensors(obj[key], f"{name}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from named_tensors(item, f"{name}/{i}")
+
+
+def verify_checksums(state, path, parts):
+    """Raise CheckpointError if the tensors of these parts of a loaded checkpoint are not the bytes saved: a flip
+    in a tensor's data loads without complaint otherwise. A checkpoint saved before checksums has none."""
+    saved = state.get("checksum")
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its checksum is {type(saved).__name__}, not what train.py writes")
+    for part in parts:
+        if saved.get(part) != tensor_digest(state[part]):
+            raise CheckpointError(
+                f"{path}: checksum mismatch in its {CHECKSUMMED[part]}: the file was changed or damaged after it "
+                f"was written; use another copy of it, or train again"
+            )
 
 
 def _load_error_reason(e):
@@ -250,6 +294,7 @@ def load_checkpoint(path, device="cpu"):
             f"{path} is not a checkpoint of this project: it needs the keys {', '.join(CHECKPOINT_KEYS)}, "
             f"found {present}"
         )
+    verify_checksums(state, path, ["model"])
     config = state["model_config"]
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model_config must be a dict, found {type(config).__name__}")
@@ -277,6 +322,10 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(upgrade_state_dict(state["model"], model.config.arch))
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
+    if "checksum" not in state:
+        print(
+            f"note: {path} has no checksum (it predates them): damage to its weights would go unseen", file=sys.stderr
+        )
     return state, model.to(device).eval()
 
 
