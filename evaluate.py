@@ -12,16 +12,25 @@ and, from the posterior means:
 """
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from data import ELBO_NOISE_SEED, IMPORTANCE_SEED, DataError, batches, load_scored_split, load_test_set
 from model import N_PIXELS
-from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, positive_int
+from utils import (
+    CheckpointError,
+    PathError,
+    add_device_arg,
+    check_output_file,
+    fail,
+    load_checkpoint,
+    pick_device,
+    positive_int,
+    stop_on_ctrl_c,
+    write_json,
+)
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -161,12 +170,16 @@ def build_parser():
     return p
 
 
+@stop_on_ctrl_c
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
-    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
-        parser.error(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    if args.json is not None:
+        try:  # now, not after the hour of work whose results it is to hold
+            check_output_file(args.json, "--json")
+        except PathError as e:
+            parser.error(str(e))
 
     try:
         state, model = load_checkpoint(args.checkpoint, device)
@@ -204,7 +217,10 @@ def main(argv=None):
     }
     print_table(args.checkpoint, results)
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            write_json(args.json, results, "--json")
+        except PathError as e:
+            fail(f"{e} (the results are printed above)")
         print(f"wrote {args.json}")
     return results
 

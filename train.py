@@ -16,13 +16,20 @@ from evaluate import mean_neg_elbo, mean_neg_iwae_bound
 from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
 from utils import (
     CheckpointError,
+    PathError,
     add_config_args,
     add_device_arg,
+    check_output_dir,
     config_from_args,
     fail,
     load_checkpoint,
+    path_advice,
+    path_problem,
     pick_device,
     save_checkpoint,
+    stop_on_ctrl_c,
+    verify_checksums,
+    write_atomic,
 )
 
 SCHEDULES = ("constant", "iwae")
@@ -118,11 +125,17 @@ def build_parser():
     return p
 
 
+@stop_on_ctrl_c
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
-    run = resume_run(args, device) if args.resume else start_run(args, parser, device)
+    try:
+        run = resume_run(args, device) if args.resume else start_run(args, parser, device)
+    except PathError as e:
+        fail(str(e))
+    except OSError as e:  # trimming the log or removing the replaced checkpoint, e.g. on a disk that just filled up
+        fail(str(path_problem("--out-dir", args.out_dir, e)))
     n_params = sum(p.numel() for p in run.model.parameters())
     print(
         f"device: {device}; model: {run.model.config} ({n_params:,} parameters); "
@@ -145,14 +158,14 @@ def start_run(args, parser, device):
     except ValueError as e:
         parser.error(str(e))
     config = replace(config, pixels=resolve_pixels(config.pixels, model_config.likelihood))  # saved as it is meant
+    check_output_dir(config.out_dir, "--out-dir")  # before the data: a typo costs a second, not an epoch
     torch.manual_seed(config.seed)
     train_images, test_images = load_data(config, device)
     model = VAE(model_config).to(device)
     model.init_output_bias(train_images.mean(0))
     run = Run(config, model, make_optimizer(model, config), train_images, test_images, 0, device)
-    run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    run.ckpt_path.unlink(missing_ok=True)  # --overwrite: the old checkpoint goes now, with its log lines
-    keep_log_until(run.log_path, 0)
+    run.ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run goes now, checkpoint and log
+    run.log_path.unlink(missing_ok=True)
     return run
 
 
@@ -169,8 +182,8 @@ def resume_run(args, device):
     except (TypeError, ValueError) as e:
         fail(f"cannot resume: {ckpt_path} has no usable train_config / epoch ({e})")
     print(f"resuming {ckpt_path} after epoch {epoch} (its model and training settings are kept)")
+    check_output_dir(ckpt_path.parent, "--out-dir")
     torch.manual_seed(config.seed)
-    train_images, test_images = load_data(config, device)
     optimizer = make_optimizer(model, config)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -180,6 +193,11 @@ def resume_run(args, device):
             f"cannot resume: the optimizer / random state in {ckpt_path} is missing or does not fit "
             f"({type(e).__name__}: {e})"
         )
+    try:  # they fit; are they the bytes that were saved? (load_checkpoint has checked the model's)
+        verify_checksums(state, ckpt_path, ["optimizer", "rng"])
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
+    train_images, test_images = load_data(config, device)  # last: whatever is wrong above costs no loading time
     keep_log_until(ckpt_path.parent / "log.jsonl", epoch)
     return Run(config, model, optimizer, train_images, test_images, epoch, device)
 
@@ -244,7 +262,10 @@ def fit(run):
             f"likely too high for this model, or --beta / the data is off"
         )
     except OSError as e:  # writing the log or the checkpoint, e.g. a full disk; the old checkpoint stays whole
-        fail(f"could not save epoch {epoch}: {e} ({run.kept()})")
+        fail(
+            f"could not save epoch {epoch} in {run.config.out_dir}: {e.strerror or e} ({run.kept()}); "
+            f"{path_advice(e, '--out-dir')}"
+        )
     print(f"saved {run.ckpt_path} (epoch {run.epoch}) and {run.log_path}")
 
 
@@ -361,7 +382,7 @@ def set_rng_state(state, device):
 
 
 def keep_log_until(log_path, epoch):
-    """Keep the log lines of epochs <= epoch (a new run: none), so that a resumed log has no duplicates."""
+    """Keep the log lines of epochs <= epoch, so that a resumed log has no duplicates."""
     if not log_path.exists():
         return
     kept = []
@@ -371,9 +392,7 @@ def keep_log_until(log_path, epoch):
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a crash in mid-write, or no record at all
-    tmp = log_path.with_name(log_path.name + ".tmp")  # replaced whole, so a crash here loses no line
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(log_path)
+    write_atomic(log_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))  # a crash loses no line
 
 
 if __name__ == "__main__":

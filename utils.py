@@ -1,9 +1,15 @@
-"""What every script shares: flags made from config dataclasses, the device, and checkpoints."""
+"""What every script shares: flags made from config dataclasses, the device, output paths, Ctrl-C, and
+checkpoints."""
 
 import argparse
+import errno
+import functools
+import hashlib
+import json
 import os
 import pickle
 import sys
+import tempfile
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -21,10 +27,29 @@ class CheckpointError(Exception):
     """The checkpoint cannot be used; the message says why and what to do."""
 
 
+class PathError(Exception):
+    """An output path cannot be written; the message names it and says what to do."""
+
+
 def fail(message):
     """Stop a script on bad input: one line on stderr, exit status 1, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def stop_on_ctrl_c(main):
+    """A script's main that ends on Ctrl-C, whenever it comes (loading, fetching, computing, writing), with one
+    line and exit status 130 instead of a traceback. train.fit catches it first, to say what the checkpoint holds."""
+
+    @functools.wraps(main)
+    def main_stopping_on_ctrl_c(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("\ninterrupted (Ctrl-C)", file=sys.stderr)  # the newline ends a progress bar's line
+            sys.exit(130)
+
+    return main_stopping_on_ctrl_c
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -110,22 +135,138 @@ def pick_device(name, parser):
     return torch.device(name)
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------------------------- output paths
+
+# What to do about an output path the system refuses, by errno; for anything else, another path.
+PATH_ADVICE = {
+    errno.ENOSPC: "free some disk space or choose another {flag}",
+    errno.EDQUOT: "free some of your disk quota or choose another {flag}",
+    errno.EACCES: "make it writable for you or choose another {flag}",
+    errno.EPERM: "make it writable for you or choose another {flag}",
+    errno.EROFS: "it is on a read-only file system: choose another {flag}",
+    errno.ENOTDIR: "part of that path is a file, not a folder: choose another {flag}",
+    errno.ENOENT: "no folder can be made there: choose another {flag}",
+}
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a kill at any moment leaves either the old checkpoint or the new one, whole."""
+def path_advice(e, flag):
+    """What to do about the OSError e met writing into the path given by `flag`."""
+    return PATH_ADVICE.get(e.errno, "choose another {flag}").format(flag=flag)
+
+
+def path_problem(flag, path, e):
+    """The PathError for the OSError e met writing into `path`, given by `flag`."""
+    return PathError(f"{flag} {path}: cannot write there ({e.strerror or e}); {path_advice(e, flag)}")
+
+
+def check_output_dir(path, flag):
+    """Create the folder `path` (given by `flag`) if need be, and check that files can be written into it: a
+    bad --out-dir or --plots-dir stops the script at once, not after its expensive work. Raises PathError."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise PathError(f"{flag} {path} is a file, not a folder; give a folder (a new one is created)")
+        path.mkdir(parents=True, exist_ok=True)
+        probe_write(path)
+    except OSError as e:
+        raise path_problem(flag, path, e) from e
+
+
+def check_output_file(path, flag):
+    """Check that the file `path` (given by `flag`) can be written: it is not a folder, and its folder exists and
+    takes new files. `path` itself is not touched: write_json replaces it at the end. Raises PathError."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise PathError(f"{flag} {path} is a folder; give a file name, such as {path / 'results.json'}")
+        if not path.parent.is_dir():
+            what = "is a file, not a folder" if path.parent.exists() else "does not exist; create it or"
+            raise PathError(f"{flag} {path}: its folder {path.parent} {what}; choose another path")
+        probe_write(path.parent)
+    except OSError as e:
+        raise path_problem(flag, path, e) from e
+
+
+def probe_write(folder):
+    """Write a nameless file of one block into `folder`: what the system refuses now, it would refuse later."""
+    with tempfile.TemporaryFile(dir=folder) as f:
+        f.write(bytes(4096))
+        f.flush()
+
+
+def write_atomic(path, write):
+    """Call write(file) to write `path` atomically: a failure at any moment (a full disk, Ctrl-C, a kill) leaves
+    either the old file or the new one, whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves no half-written file behind
+        tmp.unlink(missing_ok=True)  # a failed write leaves no half-written file behind
         raise
+
+
+def write_json(path, obj, flag):
+    """Write `obj` as JSON into `path` (given by `flag`), atomically; a failure is a PathError."""
+    try:
+        write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    except OSError as e:
+        raise path_problem(flag, path, e) from e
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+# The parts of a checkpoint whose tensors carry a checksum: load_checkpoint verifies the model's, train.py's
+# --resume the others, each once it has checked that the part fits.
+CHECKSUMMED = {"model": "model weights", "optimizer": "optimizer state", "rng": "random-number state"}
+
+
+def save_checkpoint(path, state):
+    """Write `state` with the checksums of its tensors, atomically (write_atomic)."""
+    state = {**state, "checksum": {part: tensor_digest(state[part]) for part in CHECKSUMMED if part in state}}
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def tensor_digest(obj):
+    """sha256 of the name, dtype, shape and bytes of every tensor in nested dicts and lists, in a fixed order."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors(obj):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def named_tensors(obj, name=""):
+    """(name, tensor) for every tensor in nested dicts (in the order of their keys), lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from named_tensors(obj[key], f"{name}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from named_tensors(item, f"{name}/{i}")
+
+
+def verify_checksums(state, path, parts):
+    """Raise CheckpointError if the tensors of these parts of a loaded checkpoint are not the bytes saved: a flip
+    in a tensor's data loads without complaint otherwise. A checkpoint saved before checksums has none."""
+    saved = state.get("checksum")
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its checksum is {type(saved).__name__}, not what train.py writes")
+    for part in parts:
+        if saved.get(part) != tensor_digest(state[part]):
+            raise CheckpointError(
+                f"{path}: checksum mismatch in its {CHECKSUMMED[part]}: the file was changed or damaged after it "
+                f"was written; use another copy of it, or train again"
+            )
 
 
 def _load_error_reason(e):
@@ -146,22 +287,14 @@ def load_checkpoint(path, device="cpu"):
     device, and the optimizer's state follows its parameters when it is loaded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; check the path, or train a model first (python train.py)")
-    try:
-        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error says enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged bytes make the unpickler raise almost anything (KeyError, IndexError, ...)
-        raise CheckpointError(
-            f"{path} is not a loadable checkpoint of this project (refused or unreadable: {_load_error_reason(e)})"
-        ) from e
+    state = _read_checkpoint(path)
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         present = sorted(state, key=str) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{path} is not a checkpoint of this project: it needs the keys {', '.join(CHECKPOINT_KEYS)}, "
             f"found {present}"
         )
+    verify_checksums(state, path, ["model"])
     config = state["model_config"]
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model_config must be a dict, found {type(config).__name__}")
@@ -189,7 +322,29 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(upgrade_state_dict(state["model"], model.config.arch))
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
+    if "checksum" not in state:
+        print(
+            f"note: {path} has no checksum (it predates them): damage to its weights would go unseen", file=sys.stderr
+        )
     return state, model.to(device).eval()
+
+
+def _read_checkpoint(path):
+    """The unpickled contents of the file `path`, read onto the CPU; CheckpointError if there is none to read."""
+    try:
+        if path.is_file():
+            with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error says enough
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # the file, or a folder on the way to it
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); make it readable for you, or copy it") from e
+    except Exception as e:  # damaged bytes make the unpickler raise almost anything (KeyError, IndexError, ...)
+        raise CheckpointError(
+            f"{path} is not a loadable checkpoint of this project (refused or unreadable: {_load_error_reason(e)})"
+        ) from e
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file in it, such as {path / 'ckpt.pt'}")
+    raise CheckpointError(f"no checkpoint at {path}; check the path, or train a model first (python train.py)")
 
 
 def upgrade_train_config(train_config, likelihood):

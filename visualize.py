@@ -19,7 +19,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from data import PRIOR_SAMPLE_SEED, DataError, load_mnist, load_test_set  # noqa: E402
 from evaluate import posterior_means  # noqa: E402
-from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device  # noqa: E402
+from utils import (  # noqa: E402
+    CheckpointError,
+    PathError,
+    add_device_arg,
+    check_output_dir,
+    fail,
+    load_checkpoint,
+    path_advice,
+    pick_device,
+    stop_on_ctrl_c,
+    write_atomic,
+)
 
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 N_RECONSTRUCTIONS = 10
@@ -132,8 +143,13 @@ def show_rows(ax, rows, labels, title):
 
 
 def save(fig, path):
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    """Write the figure as a PNG, atomically: a failed write (a full disk) leaves an older figure there whole."""
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
+    except OSError as e:
+        raise PathError(f"could not write {path} ({e.strerror or e}); {path_advice(e, '--plots-dir')}") from e
+    finally:
+        plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -207,9 +223,9 @@ def read_log(log_path):
         records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         if records and all(isinstance(r, dict) and LOG_KEYS <= r.keys() for r in records):
             return records
-    except json.JSONDecodeError:
+    except (OSError, ValueError):  # unreadable; not text; not JSON
         pass
-    print(f"{log_path} is empty or not a training log of this project; skipping the training curves")
+    print(f"{log_path} is empty, unreadable or not a training log of this project; skipping the training curves")
     return None
 
 
@@ -368,15 +384,16 @@ def plot_all(state, model, data_dir, log_path, device, plots_dir):
         plot_training_curves(records, train_config["beta"], plots_dir / "training_curves.png")
 
 
+@stop_on_ctrl_c
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     plots_dir = Path(args.plots_dir)
-    try:
+    try:  # the folder is made once the checkpoints are known good, and before the data is loaded
         if args.compare:
             (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
-            plots_dir.mkdir(parents=True, exist_ok=True)
+            check_output_dir(plots_dir, "--plots-dir")
             plot_compare(bernoulli, cb, data_dirs, device, plots_dir / COMPARE_FILE)
         elif args.ways_of_fitting:
             runs = load_runs(args.ways_of_fitting)
@@ -384,11 +401,11 @@ def main(argv=None):
             plot_ways_of_fitting(runs, plots_dir / WAYS_FILE)
         else:
             state, model = load_checkpoint(args.checkpoint, device)
-            plots_dir.mkdir(parents=True, exist_ok=True)
+            check_output_dir(plots_dir, "--plots-dir")
             data_dir = args.data_dir or state["train_config"]["data_dir"]
             log_path = Path(args.checkpoint).parent / "log.jsonl"  # train.py writes it beside ckpt.pt
             plot_all(state, model, data_dir, log_path, device, plots_dir)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, PathError) as e:
         fail(str(e))
 
 

@@ -1,5 +1,5 @@
-"""train.py and utils.py when things go wrong: bad flags, bad data, crashes, bad or hostile checkpoints,
---resume, Ctrl-C and a diverging loss.
+"""train.py and utils.py when things go wrong: bad flags, bad data, crashes, bad, hostile or damaged
+checkpoints, --resume, Ctrl-C and a diverging loss.
 
 Every run is tiny (128 images, one hidden layer of 32, 4 steps an epoch, one CPU thread). train.main runs
 in-process, so an uncaught exception (what would print a traceback) fails the test by itself; stderr is
@@ -15,9 +15,11 @@ import random
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import evaluate
 import train
 import utils
+import visualize
 from utils import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +63,19 @@ def shown_lines(err):
 
 def run_main(capsys, *argv):
     """train.main(argv) -> (exit code, stdout, shown stderr lines)."""
+    return run_script(capsys, train.main, *argv)
+
+
+def run_script(capsys, main, *argv):
+    """A script's main(argv) -> (exit code, stdout, shown stderr lines)."""
     capsys.readouterr()
     try:
-        train.main([str(a) for a in argv])
+        main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:  # left alone, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped main: a user would see a traceback")
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, shown_lines(err)
@@ -432,6 +443,111 @@ def test_malicious_checkpoint_runs_no_code(capsys, tmp_path, run, write, protoco
     if write is _write_torch_save:  # it says what was refused, not torch's advice to load with weights_only=False
         assert "GLOBAL posix.system" in str(refused.value) or "GLOBAL os.system" in str(refused.value)
         assert "weights_only" not in str(refused.value)
+
+
+# --------------------------------------------------------------------------------------------- checksums
+
+
+def _flip_a_bit_of(path, tensor):
+    """Flip one bit in the middle of `tensor`'s bytes where the checkpoint file `path` stores them (a zip of
+    uncompressed entries): the pickle, and so the checkpoint's structure, stay as they were."""
+    stored = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    with zipfile.ZipFile(path) as archive:
+        (entry,) = [e for e in archive.infolist() if "/data/" in e.filename and archive.read(e) == stored]
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26 : entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_length + extra_length + len(stored) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _largest(tensors):
+    return max(tensors.values(), key=lambda t: t.numel())
+
+
+def test_checkpoint_carries_the_checksums_of_its_tensors(capsys, run):
+    state = _state(run)  # still a plain dict that torch.load reads with weights_only=True
+    assert set(state["checksum"]) == {"model", "optimizer", "rng"}
+    for part, digest in state["checksum"].items():
+        assert digest == utils.tensor_digest(state[part]) and len(digest) == 64
+    capsys.readouterr()
+    load_checkpoint(run / "ckpt.pt")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bit_flipped_in_a_weight_is_refused_by_every_script(capsys, tmp_path, run):
+    weight = _largest(_state(run)["model"])
+    _flip_a_bit_of(run / "ckpt.pt", weight)
+    damaged = (run / "ckpt.pt").read_bytes()
+    # Control: torch.load reads it without complaint, one number different; only the checksum tells.
+    changed = _largest(_state(run)["model"]) != weight
+    assert changed.sum() == 1
+    with pytest.raises(CheckpointError, match="checksum mismatch in its model weights") as refused:
+        load_checkpoint(run / "ckpt.pt")
+    assert str(run / "ckpt.pt") in str(refused.value) and "\n" not in str(refused.value)
+
+    for main, argv in [
+        (train.main, ["--resume", "--epochs", "2", "--out-dir", run]),
+        (evaluate.main, ["--checkpoint", run / "ckpt.pt", "--k", "2", "--device", "cpu"]),
+        (visualize.main, ["--checkpoint", run / "ckpt.pt", "--plots-dir", tmp_path / "plots", "--device", "cpu"]),
+        (visualize.main, ["--compare", run / "ckpt.pt", run / "ckpt.pt", "--plots-dir", tmp_path / "plots"]),
+    ]:
+        code, _, err = run_script(capsys, main, *argv)
+        assert code == 1
+        only_error(err, str(run / "ckpt.pt"), "checksum mismatch in its model weights", "another copy")
+    assert (run / "ckpt.pt").read_bytes() == damaged and log_epochs(run) == [1]
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize(
+    "part, tensor, says",
+    [
+        ("optimizer", lambda state: _largest(state["optimizer"]["state"][0]), "optimizer state"),
+        ("rng", lambda state: state["rng"]["cpu"], "random-number state"),
+    ],
+)
+def test_a_bit_flipped_in_the_training_state_is_refused_on_resume(capsys, run, part, tensor, says):
+    _flip_a_bit_of(run / "ckpt.pt", tensor(_state(run)))
+    damaged = (run / "ckpt.pt").read_bytes()
+    load_checkpoint(run / "ckpt.pt")  # the model is intact: evaluate.py and visualize.py may use it
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 1
+    only_error(err, "cannot resume", str(run / "ckpt.pt"), f"checksum mismatch in its {says}")
+    assert (run / "ckpt.pt").read_bytes() == damaged and log_epochs(run) == [1]
+
+
+def test_checkpoint_from_before_checksums_loads_with_a_note(capsys, run):
+    state = _state(run)
+    del state["checksum"]
+    _save(run, state)
+    capsys.readouterr()
+    load_checkpoint(run / "ckpt.pt")
+    (note,) = shown_lines(capsys.readouterr().err)
+    assert note.startswith("note: ") and str(run / "ckpt.pt") in note and "no checksum" in note
+
+    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    assert code == 0 and err == [note]
+    assert set(_state(run)["checksum"]) == {"model", "optimizer", "rng"}  # its next save has them
+
+
+@pytest.mark.parametrize("checksum", ["0" * 64, {"model": "0" * 64}, {"optimizer": "0" * 64}])
+def test_a_checksum_that_does_not_fit_is_refused(run, checksum):
+    _save(run, {**_state(run), "checksum": checksum})
+    with pytest.raises(CheckpointError, match="checksum") as refused:
+        load_checkpoint(run / "ckpt.pt")
+    assert str(run / "ckpt.pt") in str(refused.value)
+
+
+def test_tensor_digest_sees_every_value_name_dtype_and_shape_but_not_the_order_of_keys():
+    weights = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    digest = utils.tensor_digest(weights)
+    assert utils.tensor_digest({"b": torch.zeros(3), "a": torch.arange(6.0).reshape(2, 3)}) == digest
+    for other in [
+        {**weights, "b": torch.tensor([0.0, 0.0, 1e-30])},
+        {**weights, "b": torch.zeros(3, dtype=torch.float64)},
+        {**weights, "a": torch.arange(6.0).reshape(3, 2)},
+        {"a": weights["a"], "c": weights["b"]},
+    ]:
+        assert utils.tensor_digest(other) != digest
 
 
 # --------------------------------------------------------------------------------------------- --resume
