@@ -296,6 +296,22 @@ def load_checkpoint(path, device="cpu"):
         )
     verify_checksums(state, path, ["model"])
     config = state["model_config"]
+    _check_configs(config, state["train_config"], path)
+    try:
+        model = VAE(VAEConfig(**config))
+        model.load_state_dict(upgrade_state_dict(state["model"], model.config.arch))
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
+    if "checksum" not in state:
+        print(
+            f"note: {path} has no checksum (it predates them): damage to its weights would go unseen", file=sys.stderr
+        )
+    return state, model.to(device).eval()
+
+
+def _check_configs(config, train_config, path):
+    """Raise CheckpointError unless the model config fits VAEConfig and the training config holds what every
+    script needs to prepare the data as training did; upgrades a training config of an earlier version."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model_config must be a dict, found {type(config).__name__}")
     known = {f.name for f in fields(VAEConfig)}
@@ -303,8 +319,6 @@ def load_checkpoint(path, device="cpu"):
     if unknown or missing:
         which = ", ".join([f"unknown field {n!r}" for n in unknown] + [f"missing field {n!r}" for n in missing])
         raise CheckpointError(f"{path}: model_config does not fit this version's VAEConfig ({which})")
-    # Every script prepares the data as training did, so these settings of the run must be there too.
-    train_config = state["train_config"]
     if isinstance(train_config, dict):
         upgrade_train_config(train_config, config.get("likelihood"))
     if (
@@ -317,16 +331,6 @@ def load_checkpoint(path, device="cpu"):
             f"{path}: its train_config must hold pixels (one of {', '.join(PIXELS[1:])}), data_dir and beta; "
             f"was it written by train.py?"
         )
-    try:
-        model = VAE(VAEConfig(**config))
-        model.load_state_dict(upgrade_state_dict(state["model"], model.config.arch))
-    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
-    if "checksum" not in state:
-        print(
-            f"note: {path} has no checksum (it predates them): damage to its weights would go unseen", file=sys.stderr
-        )
-    return state, model.to(device).eval()
 
 
 def _read_checkpoint(path):
@@ -347,8 +351,15 @@ def _read_checkpoint(path):
     raise CheckpointError(f"no checkpoint at {path}; check the path, or train a model first (python train.py)")
 
 
+# Every run from before --objective, --k and --estimator was fitted so.
+FITTED_BEFORE_WAYS = {"objective": "elbo", "k": 1, "estimator": "pathwise"}
+
+
 def upgrade_train_config(train_config, likelihood):
-    """Checkpoints from before --pixels had --binarize: translate it to what it meant for that likelihood."""
+    """A training config of an earlier version, in this version's terms: how it was fitted, and, from before
+    --pixels, what its --binarize meant for that likelihood."""
+    for name, value in FITTED_BEFORE_WAYS.items():
+        train_config.setdefault(name, value)
     binarize = train_config.pop("binarize", None)
     if "pixels" in train_config or binarize not in BINARIZE_TO_PIXELS:
         return
