@@ -28,16 +28,15 @@ from data import PIXELS, DataError, ensure_mnist, load_test_set, load_train_set,
 from evaluate import iwae_nll, mean_neg_elbo
 from model import VAE, VAEConfig
 from utils import (
-    PathError,
     add_config_args,
     add_device_arg,
-    check_output_file,
+    check_json_flag,
     config_from_args,
     fail,
     pick_device,
     positive_int,
     stop_on_ctrl_c,
-    write_json,
+    write_results,
 )
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
@@ -168,11 +167,7 @@ def main(argv=None):
     device = pick_device(args.device, parser)
     config = config_from_args(VAEConfig, args)
     pixels = resolve_pixels(args.pixels, config.likelihood)
-    if args.json:
-        try:  # now, not after the minutes of timing whose results it is to hold
-            check_output_file(args.json, "--json")
-        except PathError as e:
-            parser.error(str(e))
+    check_json_flag(parser, args.json)
     try:
         ensure_mnist(args.data_dir)
         train_images, _ = load_train_set(args.data_dir, device, args.limit)
@@ -190,12 +185,7 @@ def main(argv=None):
     results = summarize(args, device, config, train_images.shape[0], test_images.shape[0], seconds, epoch_flops)
     results["eval_images_per_s"] = eval_images_per_s
     print_table(results)
-    if args.json:
-        try:
-            write_json(args.json, results, "--json")
-        except PathError as e:
-            fail(f"{e} (the results are printed above)")
-        print(f"wrote {args.json}")
+    write_results(args.json, results)
     return results
 
 

@@ -21,15 +21,14 @@ from data import ELBO_NOISE_SEED, IMPORTANCE_SEED, DataError, batches, load_scor
 from model import N_PIXELS
 from utils import (
     CheckpointError,
-    PathError,
     add_device_arg,
-    check_output_file,
+    check_json_flag,
     fail,
     load_checkpoint,
     pick_device,
     positive_int,
     stop_on_ctrl_c,
-    write_json,
+    write_results,
 )
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
@@ -175,11 +174,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
-    if args.json is not None:
-        try:  # now, not after the hour of work whose results it is to hold
-            check_output_file(args.json, "--json")
-        except PathError as e:
-            parser.error(str(e))
+    check_json_flag(parser, args.json)
 
     try:
         state, model = load_checkpoint(args.checkpoint, device)
@@ -216,12 +211,7 @@ def main(argv=None):
         "epoch": state["epoch"],
     }
     print_table(args.checkpoint, results)
-    if args.json is not None:
-        try:
-            write_json(args.json, results, "--json")
-        except PathError as e:
-            fail(f"{e} (the results are printed above)")
-        print(f"wrote {args.json}")
+    write_results(args.json, results)
     return results
 
 

@@ -11,18 +11,26 @@ the encoder's parameters, and the signal-to-noise ratio |mean| / std, averaged l
 """
 
 import argparse
-import json
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from data import DataError, load_test_set, load_train_set  # noqa: E402
-from model import ESTIMATORS, OBJECTIVES, VAE  # noqa: E402
-from utils import CheckpointError, add_device_arg, fail, load_checkpoint, pick_device, positive_int  # noqa: E402
+from data import DataError, load_test_set, load_train_set
+from model import ESTIMATORS, OBJECTIVES, VAE
+from utils import (
+    CheckpointError,
+    PathError,
+    add_device_arg,
+    check_json_flag,
+    check_output_dir,
+    fail,
+    load_checkpoint,
+    pick_device,
+    positive_int,
+    stop_on_ctrl_c,
+    write_results,
+)
+from visualize import plt, save  # visualize sets matplotlib's file-only backend
 
 KS = (1, 2, 5, 10, 50)
 FIGURE = "gradient_variance.png"
@@ -91,9 +99,7 @@ def plot(results, path):
     snr_ax.legend(fontsize=8)
     fig.suptitle(f"{results['objective'].upper()}, {results['n_images']} test images, {results['draws']} draws each")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def build_parser():
@@ -110,27 +116,30 @@ def build_parser():
     return p
 
 
+@stop_on_ctrl_c
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
+    check_json_flag(parser, args.json)
     try:
+        check_output_dir(args.plots_dir, "--plots-dir")
         state, model = load_checkpoint(args.checkpoint, device)
         train_config = state["train_config"]
         data_dir = args.data_dir or train_config["data_dir"]
         x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
         train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, PathError) as e:
         fail(str(e))
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
     for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
         print(f"{which} model:")
         results[which] = measure(m.train(), x, args.draws, args.objective, args.seed)
-    Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
-    plot(results, Path(args.plots_dir) / FIGURE)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    try:
+        plot(results, Path(args.plots_dir) / FIGURE)
+    except PathError as e:
+        fail(str(e))
+    write_results(args.json, results)
     return results
 
 

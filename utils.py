@@ -218,6 +218,27 @@ def write_json(path, obj, flag):
         raise path_problem(flag, path, e) from e
 
 
+def check_json_flag(parser, path):
+    """A --json file that cannot be written is a usage error now, not after the work whose results it holds."""
+    if path is not None:
+        try:
+            check_output_file(path, "--json")
+        except PathError as e:
+            parser.error(str(e))
+
+
+def write_results(path, results):
+    """Write a script's results to its --json file (none: nothing), after they were printed: a failure now is
+    one error line, and the numbers are still on the screen."""
+    if path is None:
+        return
+    try:
+        write_json(path, results, "--json")
+    except PathError as e:
+        fail(f"{e} (the results are printed above)")
+    print(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 
 # The parts of a checkpoint whose tensors carry a checksum: load_checkpoint verifies the model's, train.py's

@@ -26,12 +26,20 @@ from test_reliability import TINY, QuietTqdm, only_error, shown_lines, the_error
 import bench
 import data
 import evaluate
+import gradient_variance
 import train
 import utils
 import visualize
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"train": train, "evaluate": evaluate, "visualize": visualize, "bench": bench}
+GRADVAR_TINY = ["--images", "4", "--draws", "2", "--device", "cpu"]
+SCRIPTS = {
+    "train": train,
+    "evaluate": evaluate,
+    "visualize": visualize,
+    "bench": bench,
+    "gradient_variance": gradient_variance,
+}
 BENCH_TINY = ["--device", "cpu", "--limit", "64", "--epochs", "1", "--eval-k", "2", "--eval-images", "2"]
 BENCH_TINY += ["--hidden-dims", "16"]
 
@@ -219,7 +227,12 @@ OUTPUT_DIR_CASES = {
 @pytest.mark.parametrize("case", list(OUTPUT_DIR_CASES.values()), ids=list(OUTPUT_DIR_CASES))
 @pytest.mark.parametrize(
     "script, flag",
-    [("train", "--out-dir"), ("visualize", "--plots-dir"), ("visualize --compare", "--plots-dir")],
+    [
+        ("train", "--out-dir"),
+        ("visualize", "--plots-dir"),
+        ("visualize --compare", "--plots-dir"),
+        ("gradient_variance", "--plots-dir"),
+    ],
 )
 def test_unusable_output_folder_stops_before_the_data(capsys, tmp_path, refuse, no_data, runs, script, flag, case):
     path, advice = case(tmp_path, refuse)
@@ -228,6 +241,7 @@ def test_unusable_output_folder_stops_before_the_data(capsys, tmp_path, refuse, 
         "train": [*TINY, "--epochs", "1", "--out-dir", path],
         "visualize": ["--checkpoint", bernoulli, "--plots-dir", path, "--device", "cpu"],
         "visualize --compare": ["--compare", bernoulli, cb, "--plots-dir", path, "--device", "cpu"],
+        "gradient_variance": ["--checkpoint", bernoulli, "--plots-dir", path, "--device", "cpu"],
     }[script]
     code, _, err = run_script(capsys, script.split()[0], *argv)
     assert code == 1
@@ -331,12 +345,12 @@ OUTPUT_FILE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(OUTPUT_FILE_CASES.values()), ids=list(OUTPUT_FILE_CASES))
-@pytest.mark.parametrize("script", ["evaluate", "bench"])
+@pytest.mark.parametrize("script", ["evaluate", "bench", "gradient_variance"])
 def test_unusable_json_path_is_a_usage_error_before_any_work(capsys, tmp_path, refuse, no_data, script, case):
     """--json is checked with the other flags: a usage error (exit status 2), as evaluate's always was."""
     path, advice = case(tmp_path, refuse)
     before = path.read_text() if path.is_file() else None
-    argv = ["--checkpoint", tmp_path / "none.pt", "--device", "cpu"] if script == "evaluate" else BENCH_TINY
+    argv = BENCH_TINY if script == "bench" else ["--checkpoint", tmp_path / "none.pt", "--device", "cpu"]
     code, _, err = run_script(capsys, script, *argv, "--json", path)
     assert code == 2
     the_error(err, f"--json {path}", advice)
@@ -458,6 +472,7 @@ def test_unusable_data_dir_is_one_line(capsys, tmp_path, refuse, offline, data_d
         "evaluate": ["--checkpoint", ckpt, "--k", "2", "--limit", "20", "--device", "cpu"],
         "visualize": ["--checkpoint", ckpt, "--plots-dir", tmp_path / "plots", "--device", "cpu"],
         "bench": BENCH_TINY,
+        "gradient_variance": ["--checkpoint", ckpt, *GRADVAR_TINY, "--plots-dir", tmp_path / "plots"],
     }[script]
     code, _, err = run_script(capsys, script, *argv, "--data-dir", path)
     assert code == 1
@@ -561,6 +576,7 @@ def test_ctrl_c_while_fetching_leaves_no_partial_file(capsys, tmp_path, monkeypa
         ("visualize", (visualize, "plot_samples")),
         ("bench", (bench, "ensure_mnist")),
         ("bench", (bench, "eval_throughput")),
+        ("gradient_variance", (gradient_variance, "measure")),
     ],
     ids=lambda v: v if isinstance(v, str) else v[1],
 )
@@ -569,6 +585,7 @@ def test_ctrl_c_in_any_script_is_one_line_and_status_130(capsys, tmp_path, monke
         "evaluate": ["--checkpoint", ckpt, "--k", "2", "--limit", "20", "--device", "cpu"],
         "visualize": ["--checkpoint", ckpt, "--plots-dir", tmp_path / "plots", "--device", "cpu"],
         "bench": [*BENCH_TINY, "--data-dir", data_dir, "--json", tmp_path / "bench.json"],
+        "gradient_variance": ["--checkpoint", ckpt, *GRADVAR_TINY, "--plots-dir", tmp_path / "plots"],
     }[script]
     interrupted(capsys, monkeypatch, where, script, *argv)
     assert not (tmp_path / "bench.json").exists()
