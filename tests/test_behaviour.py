@@ -122,11 +122,15 @@ def test_each_epoch_feeds_every_image_once_in_a_new_order_presented_anew(
 def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, training_steps):
     """Replayed from the first step's weights with torch's own Adam (lr 1e-3, its defaults otherwise), on the same
     batches and the same noise, the run ends with the weights it saved: each step zeroes the gradients, takes
-    those of the batch's mean loss, and makes one Adam step with the run's settings."""
+    those of the batch's mean loss, and makes one Adam step with the run's settings. The first step starts with
+    the decoder's output bias at the logit of the mean training image (clipped to [0.001, 0.999], as Burda et al.)."""
     train_tiny(tmp_path / "run", data_dir, "--likelihood", "bernoulli", epochs=1)
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     steps = list(training_steps)
     assert len(steps) == len(BATCH_SIZES)
+    grey, _ = load_mnist(data_dir, train=True, limit=N_TRAIN)
+    expected_bias = torch.logit(grey.mean(0).clamp(0.001, 0.999)).flatten()
+    torch.testing.assert_close(steps[0]["weights"]["to_logits.bias"], expected_bias, rtol=1e-5, atol=1e-5)
     model = VAE(VAEConfig(**saved["model_config"]))
     model.load_state_dict(steps[0]["weights"])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -141,6 +145,38 @@ def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, training_
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(weight, saved["model"][name], rtol=1e-5, atol=1e-6)
         assert not torch.equal(saved["model"][name], steps[0]["weights"][name]), f"{name} never moved"
+
+
+def test_beta_is_refused_for_the_iwae_objective(tmp_path, capsys):
+    """--beta weighs the ELBO's KL term; L_k has none, so --objective iwae with --beta 2 is a usage error."""
+    with pytest.raises(ValueError, match="beta"):
+        train.TrainConfig(objective="iwae", beta=2.0)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--objective", "iwae", "--beta", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--beta" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@torch.no_grad()
+def test_networks_are_not_affine_and_use_their_activation(arch):
+    """Every hidden layer applies the configured nonlinearity: the encoder and the decoder are not affine maps
+    (for an affine f, f(a) + f(b) = f(a + b) + f(0)), and the same weights under relu and tanh differ."""
+    torch.manual_seed(0)
+    relu = VAE(VAEConfig(3, arch, (16,), "relu", "bernoulli"))
+    tanh = VAE(VAEConfig(3, arch, (16,), "tanh", "bernoulli"))
+    tanh.load_state_dict(relu.state_dict())
+    a, b = torch.rand(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    za, zb = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+
+    def affine_defect(f, a, b):
+        return (f(a) + f(b) - f(a + b) - f(torch.zeros_like(a))).abs().max()
+
+    for model in (relu, tanh):
+        assert affine_defect(lambda x, model=model: torch.cat(model.encode(x), -1), a, b) > 1e-3
+        assert affine_defect(model.decode, za, zb) > 1e-3
+    assert not torch.allclose(relu.encode(a)[0], tanh.encode(a)[0])
+    assert not torch.allclose(relu.decode(za), tanh.decode(za))
 
 
 # --------------------------------------------------------------------------------------------- the test ELBO
