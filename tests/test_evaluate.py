@@ -229,7 +229,17 @@ def encoded():
 
 
 @pytest.fixture(scope="module")
-def evaluated(data_dir, tmp_path_factory, encoded):
+def one_thread_for_the_module():
+    """One intra-op thread, as the one_thread fixture, for the module-scoped training runs too: on a loaded 2-core
+    machine their many tiny steps run several times faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def evaluated(data_dir, tmp_path_factory, encoded, one_thread_for_the_module):
     """Each tiny checkpoint trained once and scored once: name -> (ckpt, results, JSON).
 
     The conv run scores kNN against the first 6000 training images only, to keep this file fast on a CPU
