@@ -70,11 +70,10 @@ def source_of(x, grey, pixels):
         possible = ((x * 256).floor() == (grey * 255).round()).all(-1)
     else:  # x ~ Bernoulli(k/255): 0 where k = 0, 1 where k = 255; a few images could come from two sources,
         possible = ~(((grey == 0) & (x != 0)) | ((grey == 1) & (x != 1))).any(-1)  # so the likeliest one is taken
+        assert possible.any(1).all(), "an image that no training image can give"
         p = grey.clamp(1e-3, 1 - 1e-3)
         log_likelihood = (x * p.log() + (1 - x) * (-p).log1p()).sum(-1)
-        source = torch.where(possible, log_likelihood, -math.inf).argmax(1)
-        assert possible.any(1).all(), "an image that no training image can give"
-        return source
+        return torch.where(possible, log_likelihood, -math.inf).argmax(1)
     assert (possible.sum(1) == 1).all(), "every image given to the model is one training image, presented"
     return possible.int().argmax(1)
 
