@@ -36,11 +36,16 @@ ACTIVE_UNIT_THRESHOLD = 1e-2
 N_NEIGHBORS = 15
 N_CLASSES = 10
 # At most this many elements in one block of work: the decoder output (chunk, B, 1, 28, 28) of one chunk of
-# importance samples, or one block of the test-to-training distance matrix. 2^22 float32 = 16 MiB: memory
-# stays bounded whatever k and --batch-size are, on a CPU or a GPU, and on a CPU the blocks stay below
-# glibc's 32 MiB mmap threshold, so they are reused rather than mapped and zeroed anew each time (with
-# 2^25, the importance sampling took 1.6 times as long on a 2-core CPU, much of it in the kernel).
+# importance samples, or one block of the test-to-training distance matrix, so that memory stays bounded
+# whatever k and --batch-size are. The size depends on the device (block_elements):
+# on a CPU, 2^22 float32 = 16 MiB: the blocks stay below glibc's 32 MiB mmap threshold, so they are reused
+# rather than mapped and zeroed anew each time (with 2^25, the importance sampling took 1.6 times as long on a
+# 2-core CPU, much of it in the kernel);
+# on a GPU (cuda, mps), 2^26 float32 = 256 MiB: k = 5000 samples of a batch of 500 in 30 chunks rather than
+# 500 chunks of 10, each a string of small kernel launches; the likelihood's temporaries of one chunk stay
+# within a few GiB.
 BLOCK_ELEMENTS = 2**22
+DEVICE_BLOCK_ELEMENTS = 2**26
 BATCH_SIZE = 500  # test images per batch, the default of --batch-size
 
 
@@ -76,9 +81,14 @@ def posterior_means(model, images, batch_size=1000):
     return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
 
 
-def samples_per_chunk(k, batch_size):
-    """How many of the k importance samples to draw at once for a batch of images (BLOCK_ELEMENTS)."""
-    return max(1, min(k, BLOCK_ELEMENTS // (batch_size * N_PIXELS)))
+def block_elements(device):
+    """The most elements of one block of work on this device: BLOCK_ELEMENTS on the CPU, else DEVICE_BLOCK_ELEMENTS."""
+    return BLOCK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_BLOCK_ELEMENTS
+
+
+def samples_per_chunk(k, batch_size, device="cpu"):
+    """How many of the k importance samples to draw at once for a batch of images on `device` (block_elements)."""
+    return max(1, min(k, block_elements(device) // (batch_size * N_PIXELS)))
 
 
 @torch.inference_mode()
@@ -87,7 +97,7 @@ def log_likelihood_estimates(model, images, k, batch_size, generator=None, progr
 
     Burda et al. (2016), eq. (8): a lower bound on log p(x) in expectation, rising to it as k grows.
     """
-    chunk = samples_per_chunk(k, batch_size)
+    chunk = samples_per_chunk(k, batch_size, images.device)
     n_batches = math.ceil(images.shape[0] / batch_size)
     estimates = [
         model.iwae_bound(x, k, chunk, generator)  # (B,)
@@ -104,8 +114,12 @@ def log_likelihood_estimates(model, images, k, batch_size, generator=None, progr
 
 
 def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=False):
-    """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image."""
-    return -log_likelihood_estimates(model, images, k, batch_size, generator, progress).double().mean().item()
+    """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image.
+
+    The mean is taken in float64 on the CPU: MPS has no float64, and the N estimates are a small copy.
+    """
+    estimates = log_likelihood_estimates(model, images, k, batch_size, generator, progress)
+    return -estimates.cpu().double().mean().item()
 
 
 def active_units(means):
@@ -119,7 +133,7 @@ def active_units(means):
 def knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors=N_NEIGHBORS):
     """Fraction of queries (Q, d) whose label is the majority label of their n_neighbors nearest (Euclidean)
     reference points (R, d). A tie goes to the smallest label. The (Q, R) distances are computed in blocks."""
-    rows = max(1, BLOCK_ELEMENTS // reference.shape[0])
+    rows = max(1, block_elements(reference.device) // reference.shape[0])
     correct = 0
     for start in range(0, queries.shape[0], rows):
         distances = torch.cdist(queries[start : start + rows], reference)  # (rows, R)

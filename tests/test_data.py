@@ -27,6 +27,10 @@ TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
+# The shared copy of the official .gz files, beside the repository (CI clones it with ../shared next to it).
+SHARED_MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+
+
 def md5(path):
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -45,12 +49,16 @@ def pristine(real_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("pristine")
     for name in NAMES:
         shutil.copyfile(real_raw / name, out / name)
-        for folder in (real_raw, Path("/work/shared/data/mnist")):
+        for folder in (real_raw, SHARED_MNIST):
             if (folder / f"{name}.gz").exists():
                 shutil.copyfile(folder / f"{name}.gz", out / f"{name}.gz")
                 break
         else:
-            pytest.skip(f"no gzipped {name} to test with")
+            pytest.fail(
+                f"the repair tests need the official {name}.gz, found neither in {real_raw} nor in {SHARED_MNIST}: "
+                f"put the four official .gz files into one of them",
+                pytrace=False,
+            )
     return out
 
 

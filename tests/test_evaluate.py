@@ -1,6 +1,7 @@
 """evaluate.py: the importance-sampled log-likelihood against references computed independently here
 (numerical quadrature, torch.distributions, mpmath, brute-force nearest neighbours), and the script end to end."""
 
+import hashlib
 import json
 import math
 
@@ -12,7 +13,7 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Nor
 
 import evaluate
 import train
-from data import DataError, load_test_set
+from data import DataError, load_scored_split, load_test_set
 from model import VAE, VAEConfig
 from utils import load_checkpoint
 
@@ -205,17 +206,41 @@ def test_knn_accuracy_equals_brute_force(monkeypatch):
 # --------------------------------------------------------------------------------------------- the script
 
 
+# The MLP runs are trained enough (2 epochs of 2048 images) for their codes to be used and to tell the digits
+# apart: an untrained encoder of the same shape has no active unit and a 15-NN accuracy below 0.3. The conv
+# run, which is slow on a CPU, only checks the plumbing (1 epoch of 512 images).
+TRAINED = ["--limit", "2048", "--epochs", "2", "--batch-size", "64"]
 CHECKPOINTS = {
-    "mlp-bernoulli": ["--likelihood", "bernoulli", "--hidden-dims", "64"],
-    "mlp-cb": ["--likelihood", "cb", "--hidden-dims", "64"],
-    "conv-bernoulli": ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32"],
+    "mlp-bernoulli": ["--likelihood", "bernoulli", "--hidden-dims", "64", *TRAINED],
+    "mlp-cb": ["--likelihood", "cb", "--hidden-dims", "64", *TRAINED],
+    "conv-bernoulli": ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32", "--limit", "512"],
 }
 LIMIT, K = 200, 64
 
 
+def digest(images):
+    return images.shape[0], hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
-def evaluated(data_dir, tmp_path_factory):
-    """Each tiny checkpoint trained once (512 images, 1 epoch) and scored once: name -> (ckpt, results, JSON).
+def encoded():
+    """Run name -> [digest(images)] of every batch of images that evaluate.main encoded for posterior means."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def one_thread_for_the_module():
+    """One intra-op thread, as the one_thread fixture, for the module-scoped training runs too: on a loaded 2-core
+    machine their many tiny steps run several times faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def evaluated(data_dir, tmp_path_factory, encoded, one_thread_for_the_module):
+    """Each tiny checkpoint trained once and scored once: name -> (ckpt, results, JSON).
 
     The conv run scores kNN against the first 6000 training images only, to keep this file fast on a CPU
     (encoding all 60000 with the conv encoder takes longer than everything else here); the MLP runs use all.
@@ -225,8 +250,6 @@ def evaluated(data_dir, tmp_path_factory):
         out = tmp_path_factory.mktemp(name)
         train.main(
             [
-                "--limit",
-                "512",
                 "--epochs",
                 "1",
                 "--latent-dim",
@@ -242,8 +265,9 @@ def evaluated(data_dir, tmp_path_factory):
         )
         ckpt, json_path = out / "ckpt.pt", out / "results.json"
         reference_sizes = []
+        encoded[name] = []
         with pytest.MonkeyPatch.context() as patch:
-            load_reference_set = evaluate.load_reference_set
+            load_reference_set, posterior_means = evaluate.load_reference_set, evaluate.posterior_means
 
             def spy(*args, load_reference_set=load_reference_set, name=name, sizes=reference_sizes, **kwargs):
                 images, labels = load_reference_set(*args, **kwargs)
@@ -252,7 +276,12 @@ def evaluated(data_dir, tmp_path_factory):
                 sizes.append(images.shape[0])
                 return images, labels
 
+            def encoding_spy(model, images, *args, posterior_means=posterior_means, seen=encoded[name], **kwargs):
+                seen.append(digest(images))
+                return posterior_means(model, images, *args, **kwargs)
+
             patch.setattr(evaluate, "load_reference_set", spy)
+            patch.setattr(evaluate, "posterior_means", encoding_spy)
             results = evaluate.main(
                 [
                     "--checkpoint",
@@ -283,7 +312,9 @@ def test_script_writes_every_result_with_sane_values(evaluated, name):
     assert written == json.loads(json.dumps(results))  # what main returns is what it wrote
     state, _ = load_checkpoint(ckpt)
     assert written["model_config"] == json.loads(json.dumps(state["model_config"]))
-    assert written["train_config"]["limit"] == 512 and written["epoch"] == 1
+    flags = CHECKPOINTS[name]
+    assert written["train_config"]["limit"] == int(flags[flags.index("--limit") + 1])
+    assert written["epoch"] == (int(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else 1)
     assert written["n_images"] == LIMIT and written["k"] == K
     if written["model_config"]["likelihood"] == "bernoulli":
         assert 50 < written["test_nll"] < 600  # binary images: p(x) is a probability, -log p(x) > 0
@@ -293,8 +324,30 @@ def test_script_writes_every_result_with_sane_values(evaluated, name):
     assert written["test_neg_elbo"] == pytest.approx(written["test_recon"] + written["test_kl"], rel=1e-5)
     assert written["test_nll"] <= written["test_neg_elbo"] + 1.0  # -log p(x) <= -ELBO, up to the ELBO's noise
     assert written["bits_per_dim"] == pytest.approx(written["test_nll"] / (784 * math.log(2)))
-    assert 0 <= written["active_units"] <= 4
-    assert 0.1 < written["knn_accuracy"] <= 1.0
+    # Active units recomputed here: the variance over the scored test images of the encoder's means, > 0.01.
+    state, model = load_checkpoint(ckpt)
+    images, _ = load_test_set(state["train_config"]["data_dir"], state["train_config"]["pixels"], "cpu", LIMIT)
+    with torch.no_grad():
+        variances = model.double().encode(images.double())[0].var(0, correction=0)
+    assert written["active_units"] == int((variances > 0.01).sum())
+    if name.startswith("mlp"):  # trained: every unit in use, by far, and a code that tells the digits apart
+        assert written["active_units"] == 4 and (variances > 0.1).all()
+        assert written["knn_accuracy"] > 0.5  # chance is 0.11, an untrained encoder's 0.3
+    else:
+        assert 0 <= written["knn_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_knn_reference_is_the_training_split_as_the_model_sees_it(evaluated, encoded, data_dir, name):
+    """evaluate.py encodes the test images and the k-NN reference, the training images, both presented as in
+    training (binary for a Bernoulli model, dequantized for a CB one), once, with the fixed seed of every scored
+    split: the very numbers every script scores."""
+    pixels = evaluated[name][2]["train_config"]["pixels"]
+    (test_n, test_digest), (reference_n, reference_digest) = encoded[name]
+    assert (test_n, test_digest) == digest(load_test_set(data_dir, pixels, "cpu", LIMIT)[0])
+    reference, _ = load_scored_split(data_dir, True, pixels, "cpu")
+    assert reference_n == (6000 if name.startswith("conv") else 60000)
+    assert (reference_n, reference_digest) == digest(reference[:reference_n])
 
 
 @pytest.mark.parametrize("name", ["mlp-bernoulli", "mlp-cb"])

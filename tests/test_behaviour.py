@@ -1,0 +1,407 @@
+"""What the scripts do, checked from the outside: what the training loop feeds the model and reports, the noise
+of the test ELBO, the optimizer of the IWAE protocol, what the figures draw, and bench.py's GEMM bound.
+
+Each test is written against a behaviour that a deliberate bug would break (issue 12 lists them): it watches
+what the model is given (a spy on VAE.loss), what ends up in the log and the checkpoint, what matplotlib is
+asked to draw, and which matrix products autograd really runs.
+"""
+
+import json
+import math
+from collections import Counter
+
+import matplotlib.figure
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bench
+import train
+import visualize
+from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
+from evaluate import mean_neg_elbo, mean_neg_iwae_bound
+from model import VAE, VAEConfig, cb_mean
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 100 images in batches of 32: three full batches and a short one of 4.
+N_TRAIN, BATCH = 100, 32
+BATCH_SIZES = [32, 32, 32, 4]
+
+
+# --------------------------------------------------------------------------------------------- the training loop
+
+
+@pytest.fixture
+def training_steps(monkeypatch):
+    """Every call of VAE.loss, as the model met it: {x: the batch, neg_bound: the per-image negative bound it
+    returned, weights: the model's weights before it, rng: the CPU random state before it} (copies)."""
+    seen = []
+    real_loss = VAE.loss
+
+    def loss(self, x, *args, **kwargs):
+        before = {"weights": {k: v.clone() for k, v in self.state_dict().items()}, "rng": torch.get_rng_state()}
+        surrogate, neg_bound = real_loss(self, x, *args, **kwargs)
+        seen.append({"x": x.detach().clone(), "neg_bound": neg_bound.detach().clone(), **before})
+        return surrogate, neg_bound
+
+    monkeypatch.setattr(VAE, "loss", loss)
+    return seen
+
+
+def train_tiny(out, data_dir, *flags, epochs=2):
+    train.main(
+        [
+            *("--limit", str(N_TRAIN), "--batch-size", str(BATCH), "--epochs", str(epochs)),
+            *("--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu"),
+            *("--data-dir", str(data_dir), "--out-dir", str(out), *flags),
+        ]
+    )
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def source_of(x, grey, pixels):
+    """For each presented image x[b], the index n of the grey image grey[n] (k/255) it is a presentation of."""
+    x, grey = x.flatten(1)[:, None, :], grey.flatten(1)[None, :, :]  # (B, 1, 784), (1, N, 784)
+    if pixels == "grey":
+        possible = (x == grey).all(-1)
+    elif pixels == "dequantized":  # x = (k + u) / 256, u in [0, 1): inside bin k
+        possible = ((x * 256).floor() == (grey * 255).round()).all(-1)
+    else:  # x ~ Bernoulli(k/255): 0 where k = 0, 1 where k = 255; a few images could come from two sources,
+        possible = ~(((grey == 0) & (x != 0)) | ((grey == 1) & (x != 1))).any(-1)  # so the likeliest one is taken
+        assert possible.any(1).all(), "an image that no training image can give"
+        p = grey.clamp(1e-3, 1 - 1e-3)
+        log_likelihood = (x * p.log() + (1 - x) * (-p).log1p()).sum(-1)
+        return torch.where(possible, log_likelihood, -math.inf).argmax(1)
+    assert (possible.sum(1) == 1).all(), "every image given to the model is one training image, presented"
+    return possible.int().argmax(1)
+
+
+@pytest.mark.parametrize(
+    "likelihood, pixels_flag, pixels",
+    [("bernoulli", "auto", "binary"), ("cb", "auto", "dequantized"), ("bernoulli", "grey", "grey")],
+)
+def test_each_epoch_feeds_every_image_once_in_a_new_order_presented_anew(
+    tmp_path, data_dir, training_steps, likelihood, pixels_flag, pixels
+):
+    """Per epoch, the model is given every training image exactly once, shuffled, in an order that changes from
+    epoch to epoch; a Bernoulli model sees binary images and a CB model dequantized ones, drawn anew each epoch;
+    and the logged training loss is the exact mean over the images, the short last batch weighted by its size."""
+    log = train_tiny(tmp_path / "run", data_dir, "--likelihood", likelihood, "--pixels", pixels_flag)
+    grey, _ = load_mnist(data_dir, train=True, limit=N_TRAIN)
+    steps = len(BATCH_SIZES)
+    assert len(training_steps) == 2 * steps
+    orders, presented = [], []
+    for epoch in range(2):
+        batches = [(step["x"], step["neg_bound"]) for step in training_steps[epoch * steps : (epoch + 1) * steps]]
+        assert [x.shape[0] for x, _ in batches] == BATCH_SIZES
+        x = torch.cat([x for x, _ in batches])  # (100, 1, 28, 28)
+        if pixels == "binary":
+            assert ((x == 0) | (x == 1)).all(), "a Bernoulli model's training images must be binary"
+            assert 0.05 < x.mean() < 0.3  # and not all zeros: MNIST's mean pixel is 0.13
+        order = source_of(x, grey, pixels)
+        assert sorted(order.tolist()) == list(range(N_TRAIN)), "each training image exactly once per epoch"
+        orders.append(order.tolist())
+        presented.append(x[order.argsort()])  # back in index order
+        # The logged loss is the mean over the 100 images, not over the 4 batches.
+        neg_bounds = torch.cat([b for _, b in batches]).double()
+        assert log[epoch]["train_loss"] == pytest.approx(neg_bounds.mean().item(), rel=1e-6)
+        batch_means = torch.stack([b.double().mean() for _, b in batches])  # what equal weights would give
+        assert abs(batch_means.mean().item() - neg_bounds.mean().item()) > 1e-4 * abs(neg_bounds.mean().item())
+    assert orders[0] != list(range(N_TRAIN)) and orders[1] != list(range(N_TRAIN)), "shuffled"
+    assert orders[0] != orders[1], "a new order each epoch"
+    if pixels == "grey":
+        assert torch.equal(presented[0], presented[1])
+    else:
+        different = (presented[0] != presented[1]).flatten(1).any(1)
+        assert different.float().mean() > 0.9, "each image drawn anew when it is used again"
+
+
+def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, training_steps):
+    """Replayed from the first step's weights with torch's own Adam (lr 1e-3, its defaults otherwise), on the same
+    batches and the same noise, the run ends with the weights it saved: each step zeroes the gradients, takes
+    those of the batch's mean loss, and makes one Adam step with the run's settings. The first step starts with
+    the decoder's output bias at the logit of the mean training image (clipped to [0.001, 0.999], as Burda et al.)."""
+    train_tiny(tmp_path / "run", data_dir, "--likelihood", "bernoulli", epochs=1)
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    steps = list(training_steps)
+    assert len(steps) == len(BATCH_SIZES)
+    grey, _ = load_mnist(data_dir, train=True, limit=N_TRAIN)
+    expected_bias = torch.logit(grey.mean(0).clamp(0.001, 0.999)).flatten()
+    torch.testing.assert_close(steps[0]["weights"]["to_logits.bias"], expected_bias, rtol=1e-5, atol=1e-5)
+    model = VAE(VAEConfig(**saved["model_config"]))
+    model.load_state_dict(steps[0]["weights"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in steps:
+        for name, weight in model.state_dict().items():
+            torch.testing.assert_close(weight, step["weights"][name], rtol=1e-5, atol=1e-6)
+        torch.set_rng_state(step["rng"])  # the same eps
+        surrogate, _ = model.loss(step["x"])
+        optimizer.zero_grad()
+        surrogate.backward()
+        optimizer.step()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, saved["model"][name], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(saved["model"][name], steps[0]["weights"][name]), f"{name} never moved"
+
+
+def test_beta_is_refused_for_the_iwae_objective(tmp_path, capsys):
+    """--beta weighs the ELBO's KL term; L_k has none, so --objective iwae with --beta 2 is a usage error."""
+    with pytest.raises(ValueError, match="beta"):
+        train.TrainConfig(objective="iwae", beta=2.0)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--objective", "iwae", "--beta", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--beta" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@torch.no_grad()
+def test_networks_are_not_affine_and_use_their_activation(arch):
+    """Every hidden layer applies the configured nonlinearity: the encoder and the decoder are not affine maps
+    (for an affine f, f(a) + f(b) = f(a + b) + f(0)), and the same weights under relu and tanh differ."""
+    torch.manual_seed(0)
+    relu = VAE(VAEConfig(3, arch, (16,), "relu", "bernoulli"))
+    tanh = VAE(VAEConfig(3, arch, (16,), "tanh", "bernoulli"))
+    tanh.load_state_dict(relu.state_dict())
+    a, b = torch.rand(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    za, zb = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+
+    def affine_defect(f, a, b):
+        return (f(a) + f(b) - f(a + b) - f(torch.zeros_like(a))).abs().max()
+
+    for model in (relu, tanh):
+        assert affine_defect(lambda x, model=model: torch.cat(model.encode(x), -1), a, b) > 1e-3
+        assert affine_defect(model.decode, za, zb) > 1e-3
+    assert not torch.allclose(relu.encode(a)[0], tanh.encode(a)[0])
+    assert not torch.allclose(relu.decode(za), tanh.decode(za))
+
+
+# --------------------------------------------------------------------------------------------- the test ELBO
+
+
+def noisy_vae(likelihood="bernoulli"):
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(3, "mlp", (16,), "tanh", likelihood)).eval()
+    with torch.no_grad():
+        model.to_logvar.bias.fill_(1.0)  # a wide q(z|x): the one-sample ELBO depends on its draw
+    return model
+
+
+def test_test_elbo_is_the_same_whatever_the_training_random_state(monkeypatch):
+    """The test ELBO and L_k draw their z from a generator of their own (ELBO_NOISE_SEED): whatever state the
+    training stream is in, they give the same numbers, and they leave that stream where it was."""
+    model = noisy_vae()
+    images = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(1)).bernoulli(
+        generator=torch.Generator().manual_seed(2)
+    )
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        results.append([*mean_neg_elbo(model, images, batch_size=16), mean_neg_iwae_bound(model, images, 5)])
+        assert torch.equal(torch.get_rng_state(), before), "the scoring drew from the training stream"
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    # ... and the equality is not vacuous: other noise gives another estimate.
+    monkeypatch.setattr("evaluate.ELBO_NOISE_SEED", 99)
+    assert not torch.equal(mean_neg_elbo(model, images, batch_size=16)[1], results[0][1])
+
+
+# --------------------------------------------------------------------------------------------- optimizer, schedule
+
+
+def test_iwae_protocol_runs_adam_with_eps_1e_4(tmp_path, data_dir):
+    """Burda et al. (2016), Section 5: Adam with eps = 1e-4 under --schedule iwae, in the run and after a resume;
+    PyTorch's default 1e-8 otherwise."""
+    common = ["--limit", "64", "--batch-size", "64", "--hidden-dims", "8", "--device", "cpu"]
+    common += ["--data-dir", str(data_dir)]
+    for schedule, eps in (("iwae", 1e-4), ("constant", 1e-8)):
+        out = tmp_path / schedule
+        train.main([*common, "--schedule", schedule, "--epochs", "1", "--out-dir", str(out)])
+        state = torch.load(out / "ckpt.pt", weights_only=True)
+        assert [group["eps"] for group in state["optimizer"]["param_groups"]] == [eps]
+        train.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--device", "cpu"])
+        state = torch.load(out / "ckpt.pt", weights_only=True)
+        assert state["epoch"] == 2 and [group["eps"] for group in state["optimizer"]["param_groups"]] == [eps]
+        lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+        assert lrs == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7) if schedule == "iwae" else 1e-3], rel=1e-12)
+
+
+def test_iwae_learning_rate_stays_at_its_last_value_after_the_last_stage():
+    """After the 3280 epochs of the 8 stages the lr stays at 1e-3 * 10^(-7/7) = 1e-4: it does not decay on."""
+    config = train.TrainConfig(schedule="iwae", lr=1e-3)
+    last = train.learning_rate(config, 3280)
+    assert last == pytest.approx(1e-4, rel=1e-12)
+    assert train.learning_rate(config, 3279) == last  # the last stage's 3^7 = 2187 epochs
+    for epoch in (3281, 3282, 4000, 3280 + 3**8, 10**6):
+        assert train.learning_rate(config, epoch) == last, epoch
+
+
+# --------------------------------------------------------------------------------------------- the figures
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures that visualize saves, captured instead of written: [(figure, path)]."""
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kwargs: figures.append((fig, path)))
+    return figures
+
+
+def images_of(fig):
+    """[(title, y tick labels, the array drawn)] for every image of a figure."""
+    out = []
+    for ax in fig.axes:
+        for image in ax.get_images():
+            labels = [t.get_text() for t in ax.get_yticklabels()]
+            out.append((ax.get_title(), labels, np.asarray(image.get_array())))
+    return out
+
+
+def untiled(array, side=28):
+    """A tiled figure array back into its (rows, cols, 28, 28) images."""
+    rows, cols = array.shape[0] // side, array.shape[1] // side
+    return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
+
+
+def spread_vae(likelihood, latent_dim=2, seed=0):
+    """A small VAE whose logits span -6..6, where a CB's mean and its lambda differ by up to 0.16."""
+    torch.manual_seed(seed)
+    model = VAE(VAEConfig(latent_dim, "mlp", (16,), "tanh", likelihood)).eval()
+    with torch.no_grad():
+        model.to_logits.bias.copy_(torch.linspace(-6, 6, 784)[torch.randperm(784)])
+    return model
+
+
+def expected_mean(model, logits):
+    """What a figure must show for these logits: E[x|z], the CB mean for a CB decoder (not lambda)."""
+    return cb_mean(logits) if model.config.likelihood == "cb" else torch.sigmoid(logits)
+
+
+def other_mean(model, logits):
+    """What it must not show: the other likelihood's mean (lambda, for a CB decoder)."""
+    return torch.sigmoid(logits) if model.config.likelihood == "cb" else cb_mean(logits)
+
+
+def assert_drawn(array, expected, wrong=None):
+    expected = expected.detach().reshape(array.shape).numpy()
+    np.testing.assert_allclose(array, expected, rtol=0, atol=1e-6)
+    if wrong is not None:  # the check can tell the right images from the wrong ones
+        assert np.abs(wrong.detach().reshape(array.shape).numpy() - expected).max() > 0.05
+
+
+@pytest.mark.parametrize("likelihood", ["cb", "bernoulli"])
+@torch.inference_mode()
+def test_figures_draw_the_decoder_mean(drawn, tmp_path, likelihood):
+    """Samples, the manifold and the reconstructions show E[x|z] of the decoder's logits: cb_mean for a CB
+    decoder, sigmoid for a Bernoulli one; at the prior draws of PRIOR_SAMPLE_SEED, the grid of Gaussian
+    quantiles and the posterior means."""
+    model = spread_vae(likelihood)
+
+    visualize.plot_samples(model, tmp_path / "samples.png")
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(PRIOR_SAMPLE_SEED))
+    logits = model.decode(z)
+    ((_, _, array),) = images_of(drawn[-1][0])
+    assert_drawn(untiled(array), expected_mean(model, logits).reshape(10, 10, 28, 28), other_mean(model, logits))
+
+    visualize.plot_manifold(model, visualize.latent_plane(torch.randn(50, 2)), tmp_path / "manifold.png")
+    # Kingma & Welling's Fig. 4: z1 at the Gaussian quantiles (c + 1/2) / 20 along the columns, z2 along the rows,
+    # growing upwards.
+    q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(20) + 0.5) / 20)
+    z = torch.stack([q[None, :].expand(20, 20), q.flip(0)[:, None].expand(20, 20)], -1)  # [row, col] -> (z1, z2)
+    logits = model.decode(z)
+    ((_, _, array),) = images_of(drawn[-1][0])
+    assert_drawn(untiled(array), expected_mean(model, logits).reshape(20, 20, 28, 28), other_mean(model, logits))
+
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    visualize.plot_reconstructions(model, x, tmp_path / "reconstructions.png")
+    logits = model.decode(model.encode(x[:10])[0])
+    ((_, labels, array),) = images_of(drawn[-1][0])
+    assert labels == ["test", "recon"]
+    rows = untiled(array)
+    assert_drawn(rows[0], x[:10, 0])
+    assert_drawn(rows[1], expected_mean(model, logits), other_mean(model, logits))
+
+
+@torch.inference_mode()
+def test_compare_draws_the_cb_model_as_lambda_and_as_its_mean(drawn, tmp_path, data_dir):
+    """--compare: each row is what its label says, the CB one both as lambda = sigmoid(logits) and as cb_mean."""
+    bernoulli, cb = spread_vae("bernoulli", latent_dim=3, seed=1), spread_vae("cb", latent_dim=2, seed=2)
+    states = [{"train_config": {"pixels": "binary"}}, {"train_config": {"pixels": "dequantized"}}]
+    visualize.plot_compare((states[0], bernoulli), (states[1], cb), [data_dir, data_dir], "cpu", tmp_path / "c.png")
+    (fig, _), n = drawn[-1], visualize.N_RECONSTRUCTIONS
+    (recon_title, recon_labels, recon), (sample_title, sample_labels, samples) = images_of(fig)
+    assert "Reconstructions" in recon_title and "Samples" in sample_title
+
+    def logits_of(model, pixels):
+        x, _ = load_test_set(data_dir, pixels, "cpu", limit=n)
+        recon = model.decode(model.encode(x)[0])
+        z = torch.randn(n, model.config.latent_dim, generator=torch.Generator().manual_seed(PRIOR_SAMPLE_SEED))
+        return recon, model.decode(z)
+
+    b_recon, b_prior = logits_of(bernoulli, "binary")
+    c_recon, c_prior = logits_of(cb, "dequantized")
+    expected = {
+        "Bernoulli: mean": (torch.sigmoid(b_recon), torch.sigmoid(b_prior)),
+        "CB: λ": (torch.sigmoid(c_recon), torch.sigmoid(c_prior)),
+        "CB: mean": (cb_mean(c_recon), cb_mean(c_prior)),
+    }
+    assert recon_labels == ["test (grayscale)", *expected] and sample_labels == [*expected]
+    grey, _ = load_mnist(data_dir, train=False, limit=n)
+    assert_drawn(untiled(recon)[0], grey[:, 0])
+    for row, (recon_images, prior_images) in enumerate(expected.values()):
+        assert_drawn(untiled(recon)[row + 1], recon_images)
+        assert_drawn(untiled(samples)[row], prior_images)
+    assert np.abs(untiled(samples)[1] - untiled(samples)[2]).max() > 0.05  # lambda and mean differ, visibly
+
+
+# --------------------------------------------------------------------------------------------- bench's GEMM bound
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Counts the matrix products that run, as (m, k, n) for an (m x k)(k x n) product."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        operands = {aten.mm.default: args[:2], aten.addmm.default: args[1:3]}.get(func)
+        if func in (aten.bmm.default, aten.baddbmm.default, aten.matmul.default):
+            raise AssertionError(f"{func}: a product this test does not count")
+        if operands is not None:
+            a, b = operands
+            self.products[(a.shape[0], a.shape[1], b.shape[1])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gemm_plan_is_the_products_autograd_runs():
+    """bench's GEMM bound counts, for every layer, the forward product and both backward ones (weight and input
+    gradients) of each training batch, the short last one included, and the forward products of the test pass:
+    exactly the matrix products that a training step and the test ELBO really run."""
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(3, "mlp", (20, 10), "relu", "bernoulli"))
+    n_train, n_test, batch_size = 2 * 16 + 5, 25, 16
+    ran = MatrixProducts()
+    with ran:
+        for size in (16, 16, 5):
+            x = torch.rand(size, 1, 28, 28).bernoulli()
+            surrogate, _ = model.loss(x)
+            surrogate.backward()
+        with torch.no_grad():  # the test pass (under inference_mode, which hides its ops from a dispatch mode)
+            model.elbo_terms(torch.rand(n_test, 1, 28, 28).bernoulli())
+    planned = Counter()
+    for m, k, n, _, repeats in bench.gemm_plan(model, n_train, n_test, batch_size):
+        planned[(m, k, n)] += repeats
+    planned = +planned  # drop the shapes planned zero times
+    assert planned == ran.products
+    n_layers = 7  # encoder 784-20-10, mu and logvar heads, decoder 3-10-20-784
+    assert sum(ran.products.values()) == 3 * (3 * n_layers - 1) + n_layers
+
+    run, flops = bench.gemm_epoch(bench.gemm_plan(model, n_train, n_test, batch_size), "cpu")
+    run()  # every planned product has operands of its shape and layout
+    assert flops == sum(2 * m * k * n * count for (m, k, n), count in ran.products.items())
+    weights = sum(layer.in_features * layer.out_features for layer in model.modules() if hasattr(layer, "in_features"))
+    assert flops == 2 * weights * (3 * n_train + n_test) - 2 * 784 * 20 * n_train  # no input gradient for x

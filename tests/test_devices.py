@@ -1,0 +1,171 @@
+"""CUDA and MPS without a GPU: --resume and evaluate.py checked on stand-in devices.
+
+No test here needs a GPU. The meta device stands in for an accelerator: tensors there have shapes and dtypes
+but no data, so every operation is checked for where it puts its result. StandInAccelerator adds what MPS
+enforces (no float64 on the device) and lets numbers come back to the host (as zeros). The CUDA and MPS
+random-number generators are replaced by fakes that take, as torch's do, only a CPU ByteTensor.
+"""
+
+import shutil
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import bench
+import evaluate
+import train
+from model import VAE, VAEConfig
+from utils import load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+META = torch.device("meta")
+
+
+class StandInAccelerator(TorchFunctionMode):
+    """Run with tensors on the meta device as if it were a GPU without float64 (MPS): every torch call that makes
+    a float64 tensor off the CPU raises, as on MPS; a copy to the host gives zeros, and a number read from the
+    device (.item(), int()) gives 0. A function mode, so that it also sees what runs under inference_mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if source is not None and source.device == META:
+            if name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+                return 0
+            if name == "cpu" or (name == "to" and to_the_host(args, kwargs)):
+                return torch.zeros(source.shape, dtype=source.dtype)
+        out = func(*args, **kwargs)
+        for tensor in out if isinstance(out, tuple) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64 and tensor.device.type != "cpu":
+                raise TypeError(f"{name} makes a float64 tensor on {tensor.device}: MPS has no float64")
+        return out
+
+
+def to_the_host(args, kwargs):
+    """Whether a Tensor.to call moves its tensor to the CPU (the device given by name or among the arguments)."""
+    device = kwargs.get("device") or next((a for a in args[1:] if isinstance(a, (torch.device, str))), None)
+    return device is not None and torch.device(device).type == "cpu"
+
+
+def meta_vae(likelihood="bernoulli", latent_dim=4):
+    return VAE(VAEConfig(latent_dim, "mlp", (32,), "relu", likelihood)).to(META).eval()
+
+
+def test_the_stand_in_refuses_float64_on_the_device():
+    with StandInAccelerator():
+        with pytest.raises(TypeError, match="float64"):
+            torch.zeros(3, device=META).double()
+        assert torch.zeros(3, device=META).cpu().double().mean().item() == 0.0  # on the host it is fine
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "cb"])
+def test_evaluation_makes_no_float64_on_the_device(likelihood):
+    """evaluate.py's measures (and bench's evaluation throughput) keep the device in float32: MPS has no float64.
+    The importance-sampled NLL is averaged in float64 on the host."""
+    model = meta_vae(likelihood)
+    images = torch.rand(20, 1, 28, 28, device=META)
+    labels = torch.zeros(20, dtype=torch.long, device=META)
+    with StandInAccelerator():
+        nll = evaluate.iwae_nll(model, images, k=7, batch_size=8)
+        means = evaluate.posterior_means(model, images, batch_size=8)
+        assert means.device == META and means.dtype == torch.float32
+        evaluate.active_units(means)
+        evaluate.knn_accuracy(means, labels, means, labels)
+        bench.eval_throughput(model, images, 7, META)
+    assert isinstance(nll, float)
+
+
+def test_importance_samples_go_in_large_chunks_on_a_gpu(monkeypatch):
+    """On the CPU the k samples of a batch go in 16 MiB chunks (the allocator reuses them); on a GPU in chunks
+    16 times larger, so that k = 5000 is tens of launches per batch, not hundreds, with memory still bounded."""
+    k, batch_size, bytes_per = 5000, 500, 4
+    cpu = evaluate.samples_per_chunk(k, batch_size, torch.device("cpu"))
+    assert cpu * batch_size * 784 * bytes_per <= 16 * 2**20
+    for device in (torch.device("cuda"), torch.device("mps"), META):
+        chunk = evaluate.samples_per_chunk(k, batch_size, device)
+        assert chunk >= 16 * cpu and chunk * batch_size * 784 * bytes_per <= 256 * 2**20
+    # ... and the estimator uses the chunk of the images' device.
+    model, images = meta_vae(), torch.rand(batch_size, 1, 28, 28, device=META)
+    calls = []
+    real_log_weights = model.log_weights
+    monkeypatch.setattr(model, "log_weights", lambda x, n, *args: calls.append(n) or real_log_weights(x, n, *args))
+    evaluate.log_likelihood_estimates(model, images, k, batch_size)
+    assert sum(calls) == k and len(calls) <= 40
+
+
+def test_knn_blocks_grow_on_a_gpu(monkeypatch):
+    """The test-to-training distances go in blocks of the device's size: few large ones on a GPU."""
+    blocks = []
+    real_cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b: blocks.append(a.shape[0]) or real_cdist(a, b))
+    queries, reference = torch.zeros(10000, 4, device=META), torch.zeros(60000, 4, device=META)
+    labels = torch.zeros(60000, dtype=torch.long, device=META)
+    with StandInAccelerator():
+        evaluate.knn_accuracy(queries, labels[:10000], reference, labels)
+    assert sum(blocks) == 10000 and len(blocks) <= 10
+    assert max(blocks) * 60000 * 4 <= 256 * 2**20
+
+
+# --------------------------------------------------------------------------------------------- --resume
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    """A 1-epoch run (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("devices") / "run"
+    flags = ["--limit", "64", "--batch-size", "32", "--hidden-dims", "8", "--latent-dim", "2", "--epochs", "1"]
+    train.main([*flags, "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out)])
+    return out
+
+
+@pytest.fixture
+def run(tmp_path, finished_run):
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def test_resume_onto_another_device_restores_the_random_state(run):
+    """--resume onto an accelerator (the meta device standing in for it): the model, the optimizer's moments
+    and the data move to the device, while the saved random state, which torch takes only as a CPU
+    ByteTensor, comes back as one and is restored."""
+    saved = torch.load(run / "ckpt.pt", weights_only=True)
+    args = train.build_parser().parse_args(["--resume", "--epochs", "2", "--out-dir", str(run)])
+    torch.manual_seed(12345)  # anything but the saved state
+    resumed = train.resume_run(args, META)
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])
+    assert {p.device for p in resumed.model.parameters()} == {META}
+    assert resumed.train_images.device == META and resumed.test_images.device == META
+    moments = [s[key] for s in resumed.optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.device for m in moments} == {META}
+    assert resumed.epoch == 1
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_device_random_state_is_saved_and_restored(run, monkeypatch, kind):
+    """A run on CUDA or MPS saves its device generator's state beside the CPU's, and --resume restores both:
+    loaded onto the device (the meta device standing in), the states still reach torch as CPU ByteTensors."""
+    backend = getattr(torch, kind)
+    device_state = torch.arange(40, dtype=torch.uint8)
+    restored = []
+
+    def set_rng_state(new_state, *args, **kwargs):  # what torch.cuda / torch.mps accept: a CPU ByteTensor
+        if new_state.device.type != "cpu" or new_state.dtype != torch.uint8:
+            raise TypeError("RNG state must be a torch.ByteTensor")
+        restored.append(new_state.clone())
+
+    monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: device_state.clone())
+    monkeypatch.setattr(backend, "set_rng_state", set_rng_state)
+    device = torch.device(kind)
+
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    state["rng"] = train.rng_state(device)
+    assert torch.equal(state["rng"][kind], device_state), f"the {kind} generator's state is not saved"
+    save_checkpoint(run / "ckpt.pt", state)
+
+    loaded, _ = load_checkpoint(run / "ckpt.pt", META)
+    torch.manual_seed(12345)
+    train.set_rng_state(loaded["rng"], device)
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)
+    assert torch.equal(torch.get_rng_state(), state["rng"]["cpu"])
