@@ -192,41 +192,45 @@ def main(argv=None):
 
     try:
         state, model = load_checkpoint(args.checkpoint, device)
-    except CheckpointError as e:
+        # The images exactly as in training (pixels), from the same folder unless told otherwise.
+        data_dir = args.data_dir if args.data_dir is not None else state["train_config"]["data_dir"]
+        test = load_test_set(data_dir, state["train_config"]["pixels"], device, args.limit)  # (images, labels)
+        reference = load_reference_set(data_dir, state["train_config"]["pixels"], device)
+    except (CheckpointError, DataError) as e:
         fail(str(e))
-    # The images exactly as in training (pixels), from the same folder unless told otherwise.
-    train_config = state["train_config"]
-    data_dir = args.data_dir if args.data_dir is not None else train_config["data_dir"]
-    try:
-        test_images, test_labels = load_test_set(data_dir, train_config["pixels"], device, args.limit)
-        train_images, train_labels = load_reference_set(data_dir, train_config["pixels"], device)
-    except DataError as e:
-        fail(str(e))
-
-    neg_elbo, recon, kl = mean_neg_elbo(model, test_images)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    test_nll = iwae_nll(model, test_images, args.k, args.batch_size, generator, progress=True)
-    test_means = posterior_means(model, test_images, args.batch_size)  # (N, d)
-    train_means = posterior_means(model, train_images, args.batch_size)  # (60000, d)
-
     results = {
+        **score(model, test, reference, args.k, args.batch_size, generator),
+        "n_images": test[0].shape[0],
+        "k": args.k,
+        "model_config": state["model_config"],
+        "train_config": state["train_config"],
+        "epoch": state["epoch"],
+    }
+    if state["train_config"]["pixels"] == "dequantized":  # a density of (k + u)/256 bounds the 8-bit likelihood
+        results["bits_per_dim_8bit"] = bits_per_dim_8bit(results["test_nll"])
+    print_table(args.checkpoint, results)
+    write_results(args.json, results)
+    return results
+
+
+def score(model, test, reference, k, batch_size, generator):
+    """The measures of the module docstring for the test (images, labels); the k-NN's reference is the
+    training (images, labels)."""
+    (test_images, test_labels), (train_images, train_labels) = test, reference
+    neg_elbo, recon, kl = mean_neg_elbo(model, test_images)
+    test_nll = iwae_nll(model, test_images, k, batch_size, generator, progress=True)
+    test_means = posterior_means(model, test_images, batch_size)  # (N, d)
+    train_means = posterior_means(model, train_images, batch_size)  # (60000, d)
+    return {
         "test_neg_elbo": neg_elbo.item(),
         "test_recon": recon.item(),
         "test_kl": kl.item(),
         "test_nll": test_nll,
         "bits_per_dim": test_nll / (N_PIXELS * math.log(2)),
-        **({"bits_per_dim_8bit": bits_per_dim_8bit(test_nll)} if train_config["pixels"] == "dequantized" else {}),
         "active_units": active_units(test_means),
         "knn_accuracy": knn_accuracy(test_means, test_labels, train_means, train_labels),
-        "n_images": test_images.shape[0],
-        "k": args.k,
-        "model_config": state["model_config"],
-        "train_config": train_config,
-        "epoch": state["epoch"],
     }
-    print_table(args.checkpoint, results)
-    write_results(args.json, results)
-    return results
 
 
 def print_table(checkpoint, r):
