@@ -31,7 +31,7 @@ def setting(default, help, **flag):
     return field(default=default, metadata={"help": help, **flag})
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by name only: no two fields can be swapped by position
 class VAEConfig:
     """The networks and the likelihood; every field is a flag of train.py (latent_dim: --latent-dim)."""
 

@@ -35,7 +35,7 @@ from utils import (
 SCHEDULES = ("constant", "iwae")
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by name only: no two fields can be swapped by position
 class TrainConfig:
     """How the model is fitted; every field is a flag (batch_size: --batch-size). A resumed run keeps its
     checkpoint's settings, except the fields marked on_resume, which the flags set anew."""

@@ -162,8 +162,8 @@ def test_networks_are_not_affine_and_use_their_activation(arch):
     """Every hidden layer applies the configured nonlinearity: the encoder and the decoder are not affine maps
     (for an affine f, f(a) + f(b) = f(a + b) + f(0)), and the same weights under relu and tanh differ."""
     torch.manual_seed(0)
-    relu = VAE(VAEConfig(3, arch, (16,), "relu", "bernoulli"))
-    tanh = VAE(VAEConfig(3, arch, (16,), "tanh", "bernoulli"))
+    relu = VAE(VAEConfig(latent_dim=3, arch=arch, hidden_dims=(16,), activation="relu", likelihood="bernoulli"))
+    tanh = VAE(VAEConfig(latent_dim=3, arch=arch, hidden_dims=(16,), activation="tanh", likelihood="bernoulli"))
     tanh.load_state_dict(relu.state_dict())
     a, b = torch.rand(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     za, zb = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
@@ -183,7 +183,7 @@ def test_networks_are_not_affine_and_use_their_activation(arch):
 
 def noisy_vae(likelihood="bernoulli"):
     torch.manual_seed(0)
-    model = VAE(VAEConfig(3, "mlp", (16,), "tanh", likelihood)).eval()
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(16,), activation="tanh", likelihood=likelihood)).eval()
     with torch.no_grad():
         model.to_logvar.bias.fill_(1.0)  # a wide q(z|x): the one-sample ELBO depends on its draw
     return model
@@ -268,7 +268,7 @@ def untiled(array, side=28):
 def spread_vae(likelihood, latent_dim=2, seed=0):
     """A small VAE whose logits span -6..6, where a CB's mean and its lambda differ by up to 0.16."""
     torch.manual_seed(seed)
-    model = VAE(VAEConfig(latent_dim, "mlp", (16,), "tanh", likelihood)).eval()
+    model = VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(16,), activation="tanh", likelihood=likelihood)).eval()
     with torch.no_grad():
         model.to_logits.bias.copy_(torch.linspace(-6, 6, 784)[torch.randperm(784)])
     return model
@@ -382,7 +382,7 @@ def test_gemm_plan_is_the_products_autograd_runs():
     gradients) of each training batch, the short last one included, and the forward products of the test pass:
     exactly the matrix products that a training step and the test ELBO really run."""
     torch.manual_seed(0)
-    model = VAE(VAEConfig(3, "mlp", (20, 10), "relu", "bernoulli"))
+    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(20, 10), activation="relu", likelihood="bernoulli"))
     n_train, n_test, batch_size = 2 * 16 + 5, 25, 16
     ran = MatrixProducts()
     with ran:

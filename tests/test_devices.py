@@ -51,7 +51,11 @@ def to_the_host(args, kwargs):
 
 
 def meta_vae(likelihood="bernoulli", latent_dim=4):
-    return VAE(VAEConfig(latent_dim, "mlp", (32,), "relu", likelihood)).to(META).eval()
+    return (
+        VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(32,), activation="relu", likelihood=likelihood))
+        .to(META)
+        .eval()
+    )
 
 
 def test_the_stand_in_refuses_float64_on_the_device():

@@ -37,7 +37,11 @@ DISTRIBUTION = {"bernoulli": Bernoulli, "cb": ContinuousBernoulli}
 def random_vae(likelihood="bernoulli", latent_dim=3, seed=0):
     """A small untrained VAE in float64, where q(z|x) is far from p(z|x): the bound's gap is large."""
     torch.manual_seed(seed)
-    return VAE(VAEConfig(latent_dim, "mlp", (16,), "tanh", likelihood)).double().eval()
+    return (
+        VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(16,), activation="tanh", likelihood=likelihood))
+        .double()
+        .eval()
+    )
 
 
 def random_images(n, likelihood, seed=0):
