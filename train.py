@@ -198,8 +198,9 @@ def resume_run(args, device):
     except CheckpointError as e:
         fail(f"cannot resume: {e}")
     train_images, test_images = load_data(config, device)  # last: whatever is wrong above costs no loading time
-    keep_log_until(ckpt_path.parent / "log.jsonl", epoch)
-    return Run(config, model, optimizer, train_images, test_images, epoch, device)
+    run = Run(config, model, optimizer, train_images, test_images, epoch, device)
+    keep_log_until(run.log_path, epoch)
+    return run
 
 
 def load_data(config, device):

@@ -115,9 +115,9 @@ def format_default(value):
     return "all" if value is None else value
 
 
-def config_from_args(config_class, args, **overrides):
+def config_from_args(config_class, args):
     """The config built by name from the parsed flags of add_config_args."""
-    return config_class(**{**{f.name: getattr(args, f.name) for f in fields(config_class)}, **overrides})
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
 
 
 def add_device_arg(parser):
