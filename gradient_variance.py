@@ -14,23 +14,13 @@ import argparse
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-from data import DataError, load_test_set, load_train_set
+from checkpoints import load_checkpoint
+from cli import add_device_arg, check_json_flag, pick_device, positive_int, script, write_results
+from data import load_test_set, load_train_set
+from files import check_output_dir, write_png
 from model import ESTIMATORS, OBJECTIVES, VAE
-from utils import (
-    CheckpointError,
-    PathError,
-    add_device_arg,
-    check_json_flag,
-    check_output_dir,
-    fail,
-    load_checkpoint,
-    pick_device,
-    positive_int,
-    stop_on_ctrl_c,
-    write_results,
-)
-from visualize import plt, save  # visualize sets matplotlib's file-only backend
 
 KS = (1, 2, 5, 10, 50)
 FIGURE = "gradient_variance.png"
@@ -82,8 +72,9 @@ def initial_model(state, model, train_images_mean):
     return init
 
 
-def plot(results, path):
-    fig, (var_ax, snr_ax) = plt.subplots(1, 2, figsize=(10, 4))
+def figure(results):
+    fig = Figure(figsize=(10, 4))
+    var_ax, snr_ax = fig.subplots(1, 2)
     for which, style in (("trained", "o-"), ("initial", "s--")):
         for estimator, color in zip(ESTIMATORS, ("tab:blue", "tab:red"), strict=True):
             cells = results[which][estimator]
@@ -99,7 +90,7 @@ def plot(results, path):
     snr_ax.legend(fontsize=8)
     fig.suptitle(f"{results['objective'].upper()}, {results['n_images']} test images, {results['draws']} draws each")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 def build_parser():
@@ -116,29 +107,24 @@ def build_parser():
     return p
 
 
-@stop_on_ctrl_c
+@script
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     check_json_flag(parser, args.json)
-    try:
-        check_output_dir(args.plots_dir, "--plots-dir")
-        state, model = load_checkpoint(args.checkpoint, device)
-        train_config = state["train_config"]
-        data_dir = args.data_dir or train_config["data_dir"]
-        x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
-        train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
-    except (CheckpointError, DataError, PathError) as e:
-        fail(str(e))
+    check_output_dir(args.plots_dir, "--plots-dir")
+    state, model = load_checkpoint(args.checkpoint, device)
+    train_config = state["train_config"]
+    data_dir = args.data_dir or train_config["data_dir"]
+    x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
+    train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
     for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
         print(f"{which} model:")
         results[which] = measure(m.train(), x, args.draws, args.objective, args.seed)
-    try:
-        plot(results, Path(args.plots_dir) / FIGURE)
-    except PathError as e:
-        fail(str(e))
+    write_png(figure(results), Path(args.plots_dir) / FIGURE)
+    print(f"wrote {Path(args.plots_dir) / FIGURE}")
     write_results(args.json, results)
     return results
 

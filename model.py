@@ -258,6 +258,15 @@ class VAE(nn.Module):
         kl = kl_std_normal(mu, logvar)  # (B,)
         return recon, kl
 
+    def sample_posterior(self, mu, logvar, k, generator=None):
+        """k reparameterized draws z_i ~ q(z|x) per image: mu, logvar (B, d) -> z (k, B, d)."""
+        return self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)
+
+    def log_px_z(self, x, z):
+        """log p(x|z) for each of k codes per image: x (B, 1, 28, 28), z (k, B, d) -> (k, B)."""
+        logits = self.decode(z)  # (k, B, 1, 28, 28)
+        return log_likelihood(logits, x.expand_as(logits), self.config.likelihood)
+
     def log_weights(self, x, k, generator=None, posterior=None):
         """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: shape (k, B).
 
@@ -265,28 +274,20 @@ class VAE(nn.Module):
         encoder has already been run on x.
         """
         mu, logvar = self.encode(x) if posterior is None else posterior  # (B, d) each
-        z = self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)  # (k, B, d)
-        return self._log_px_z(x, z) + std_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar)
-
-    def _log_px_z(self, x, z):
-        """log p(x|z) for each of k codes per image: x (B, 1, 28, 28), z (k, B, d) -> (k, B)."""
-        logits = self.decode(z)  # (k, B, 1, 28, 28)
-        return log_likelihood(logits, x.expand_as(logits), self.config.likelihood)
+        z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
+        return log_weight(self.log_px_z(x, z), z, mu, logvar)
 
     def iwae_bound(self, x, k, chunk=None, generator=None):
         """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,).
 
         k = 1 is the ELBO; the bound rises with k towards log p(x) (Burda et al., Theorem 1), so with
         large k (5000 in the paper) it is the standard estimate of the test log-likelihood. The k samples
-        are drawn `chunk` at a time and combined with logsumexp, so memory does not grow with k.
+        are decoded `chunk` at a time, so the decoder's memory does not grow with k.
         """
         posterior = self.encode(x)
         chunk = chunk or k
-        parts = [
-            torch.logsumexp(self.log_weights(x, min(chunk, k - start), generator, posterior), dim=0)
-            for start in range(0, k, chunk)
-        ]  # each (B,)
-        return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
+        log_w = [self.log_weights(x, min(chunk, k - start), generator, posterior) for start in range(0, k, chunk)]
+        return log_mean_exp(torch.cat(log_w))  # (k, B) -> (B,)
 
     def sample(self, n, generator=None):
         """n draws z ~ p(z), decoded to logits (n, 1, 28, 28); use .mean(logits) to display them."""
@@ -310,15 +311,15 @@ class VAE(nn.Module):
         only for "pathwise"), and the negative bound per example (B,), detached, in nats.
         """
         mu, logvar = self.encode(x)  # (B, d) each
-        z = self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)  # (k, B, d)
+        z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
         if estimator == "score":
             z = z.detach()  # no path from z back to the encoder: only the decoder learns through log p(x|z)
-        log_px_z = self._log_px_z(x, z)  # (k, B)
+        log_px_z = self.log_px_z(x, z)  # (k, B)
         if objective == "elbo":
             f, total = log_px_z, mean_over_samples
             neg_bound = -total(f) + beta * kl_std_normal(mu, logvar)  # (B,); the KL's gradient is exact
         else:
-            f, total = log_px_z + std_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar), log_mean_exp
+            f, total = log_weight(log_px_z, z, mu, logvar), log_mean_exp
             neg_bound = -total(f)  # (B,); f = log w, (k, B)
         surrogate = neg_bound
         if estimator == "score":
@@ -349,6 +350,11 @@ def leave_one_out(f, total):
     eye = torch.eye(k, dtype=torch.bool, device=f.device).unsqueeze(-1)  # (k, k, 1): row i replaces f_i
     replaced = torch.where(eye, others_mean.unsqueeze(0), f.unsqueeze(0))  # (k [which i], k, B)
     return total(replaced.transpose(0, 1))  # total over dim 0 of (k, k [which i], B) -> (k, B)
+
+
+def log_weight(log_px_z, z, mu, logvar):
+    """log w = log p(x|z) + log p(z) - log q(z|x) for codes z (k, B, d) of q = N(mu, diag(exp(logvar))): (k, B)."""
+    return log_px_z + std_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar)
 
 
 def mean_over_samples(f):

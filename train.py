@@ -3,34 +3,25 @@
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import PIXELS, DataError, batches, load_test_set, load_train_set, resolve_pixels
-from evaluate import mean_neg_elbo, mean_neg_iwae_bound
-from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
-from utils import (
+from checkpoints import (
+    LOG_FILE,
     CheckpointError,
-    PathError,
-    add_config_args,
-    add_device_arg,
-    check_output_dir,
-    config_from_args,
-    fail,
+    checkpoint_path,
     load_checkpoint,
-    path_advice,
-    path_problem,
-    pick_device,
     save_checkpoint,
-    stop_on_ctrl_c,
     verify_checksums,
-    write_atomic,
 )
+from cli import add_config_args, add_device_arg, config_from_args, fail, interrupted, pick_device, script
+from data import PIXELS, batches, load_test_set, load_train_set, resolve_pixels
+from files import PathError, check_output_dir, path_advice, path_problem, write_atomic
+from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
+from scoring import mean_neg_elbo, mean_neg_iwae_bound
 
 SCHEDULES = ("constant", "iwae")
 
@@ -93,11 +84,11 @@ class Run:
 
     @property
     def ckpt_path(self):
-        return Path(self.config.out_dir) / "ckpt.pt"
+        return checkpoint_path(self.config.out_dir)
 
     @property
     def log_path(self):
-        return Path(self.config.out_dir) / "log.jsonl"
+        return self.ckpt_path.with_name(LOG_FILE)
 
     def kept(self):
         """What is on disk, for a message about a stop."""
@@ -125,38 +116,51 @@ def build_parser():
     return p
 
 
-@stop_on_ctrl_c
+@script
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
-    try:
-        run = resume_run(args, device) if args.resume else start_run(args, parser, device)
-    except PathError as e:
-        fail(str(e))
-    except OSError as e:  # trimming the log or removing the replaced checkpoint, e.g. on a disk that just filled up
-        fail(str(path_problem("--out-dir", args.out_dir, e)))
+    if args.resume:
+        run = resume_run(args.out_dir, device, {name: getattr(args, name) for name in RESUMABLE})
+    else:
+        try:
+            model_config, config = config_from_args(VAEConfig, args), config_from_args(TrainConfig, args)
+        except ValueError as e:
+            parser.error(str(e))
+        run = start_run(model_config, config, device, overwrite=args.overwrite)
     n_params = sum(p.numel() for p in run.model.parameters())
     print(
         f"device: {device}; model: {run.model.config} ({n_params:,} parameters); "
         f"training: {run.train_images.shape[0]} images, pixels {run.config.pixels}, train loss {bound_name(run.config)}"
     )
-    fit(run)
-
-
-def start_run(args, parser, device):
-    """A new run from the flags; an existing run in --out-dir is replaced only with --overwrite."""
-    ckpt_path = Path(args.out_dir) / "ckpt.pt"
-    if ckpt_path.exists() and not args.overwrite:
+    try:
+        fit(run)
+    except KeyboardInterrupt:
+        kept = f"{run.ckpt_path} holds epoch {run.epoch}; continue with --resume"
+        interrupted(f"interrupted during epoch {run.epoch + 1}: {kept if run.epoch else 'no epoch had finished'}.")
+    except NonFiniteLoss as e:
+        where = f"step {e.args[0]} of" if e.args[0] is not None else "the test pass of"
         fail(
+            f"the loss became NaN or infinite at {where} epoch {run.epoch + 1} ({run.kept()}); the learning rate "
+            f"(--lr {run.config.lr}) is likely too high for this model, or --beta / the data is off"
+        )
+    except OSError as e:  # writing the log or the checkpoint, e.g. a full disk; the old checkpoint stays whole
+        fail(
+            f"could not save epoch {run.epoch + 1} in {run.config.out_dir}: {e.strerror or e} ({run.kept()}); "
+            f"{path_advice(e, '--out-dir')}"
+        )
+    print(f"saved {run.ckpt_path} (epoch {run.epoch}) and {run.log_path}")
+
+
+def start_run(model_config, config, device, overwrite=False):
+    """A new run of these configs; an existing run in config.out_dir is replaced only with overwrite."""
+    ckpt_path = checkpoint_path(config.out_dir)
+    if ckpt_path.exists() and not overwrite:
+        raise PathError(
             f"{ckpt_path} already exists; pass --resume to continue that run, --overwrite to replace it, "
             "or another --out-dir"
         )
-    try:
-        model_config = config_from_args(VAEConfig, args)
-        config = config_from_args(TrainConfig, args)
-    except ValueError as e:
-        parser.error(str(e))
     config = replace(config, pixels=resolve_pixels(config.pixels, model_config.likelihood))  # saved as it is meant
     check_output_dir(config.out_dir, "--out-dir")  # before the data: a typo costs a second, not an epoch
     torch.manual_seed(config.seed)
@@ -164,23 +168,27 @@ def start_run(args, parser, device):
     model = VAE(model_config).to(device)
     model.init_output_bias(train_images.mean(0))
     run = Run(config, model, make_optimizer(model, config), train_images, test_images, 0, device)
-    run.ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run goes now, checkpoint and log
-    run.log_path.unlink(missing_ok=True)
+    try:  # --overwrite: the old run goes now, checkpoint and log
+        run.ckpt_path.unlink(missing_ok=True)
+        run.log_path.unlink(missing_ok=True)
+    except OSError as e:
+        raise path_problem("--out-dir", config.out_dir, e) from e
     return run
 
 
-def resume_run(args, device):
-    """The run in --out-dir as its checkpoint left it: model, optimizer, epoch and random state."""
-    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+def resume_run(out_dir, device, settings=None):
+    """The run in out_dir as its checkpoint left it: model, optimizer, epoch and random state. settings: new
+    values of the fields that may change on resume (RESUMABLE), by name, such as {"epochs": 50}."""
+    ckpt_path = checkpoint_path(out_dir)
     try:
         state, model = load_checkpoint(ckpt_path, device)
     except CheckpointError as e:
-        fail(f"cannot resume: {e}")
+        raise CheckpointError(f"cannot resume: {e}") from e
     try:  # what the run is stays as it was; where the data is and how fast to run may change
-        config = TrainConfig(**{**state["train_config"], **{name: getattr(args, name) for name in RESUMABLE}})
+        config = TrainConfig(**{**state["train_config"], "out_dir": str(out_dir), **(settings or {})})
         epoch = int(state["epoch"])
     except (TypeError, ValueError) as e:
-        fail(f"cannot resume: {ckpt_path} has no usable train_config / epoch ({e})")
+        raise CheckpointError(f"cannot resume: {ckpt_path} has no usable train_config / epoch ({e})") from e
     print(f"resuming {ckpt_path} after epoch {epoch} (its model and training settings are kept)")
     check_output_dir(ckpt_path.parent, "--out-dir")
     torch.manual_seed(config.seed)
@@ -188,27 +196,26 @@ def resume_run(args, device):
     try:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], device)
+        verify_checksums(state, ckpt_path, ["optimizer", "rng"])  # they fit; are they the bytes that were saved?
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(
+        raise CheckpointError(
             f"cannot resume: the optimizer / random state in {ckpt_path} is missing or does not fit "
             f"({type(e).__name__}: {e})"
-        )
-    try:  # they fit; are they the bytes that were saved? (load_checkpoint has checked the model's)
-        verify_checksums(state, ckpt_path, ["optimizer", "rng"])
+        ) from e
     except CheckpointError as e:
-        fail(f"cannot resume: {e}")
+        raise CheckpointError(f"cannot resume: {e}") from e
     train_images, test_images = load_data(config, device)  # last: whatever is wrong above costs no loading time
     run = Run(config, model, optimizer, train_images, test_images, epoch, device)
-    keep_log_until(run.log_path, epoch)
+    try:
+        keep_log_until(run.log_path, epoch)
+    except OSError as e:  # rewriting the log, e.g. on a disk that just filled up
+        raise path_problem("--out-dir", out_dir, e) from e
     return run
 
 
 def load_data(config, device):
-    try:
-        train_images, _ = load_train_set(config.data_dir, device, config.limit)
-        test_images, _ = load_test_set(config.data_dir, config.pixels, device, config.limit)
-    except DataError as e:
-        fail(str(e))
+    train_images, _ = load_train_set(config.data_dir, device, config.limit)
+    test_images, _ = load_test_set(config.data_dir, config.pixels, device, config.limit)
     return train_images, test_images
 
 
@@ -243,31 +250,11 @@ def bound_name(config):
 
 
 def fit(run):
-    """Epochs run.epoch + 1 .. config.epochs, each saved as it ends. Ctrl-C, a non-finite loss or a failed
-    write stops with one line, and the checkpoint on disk stays that of the last saved epoch."""
+    """Epochs run.epoch + 1 .. config.epochs, each saved as it ends (run.epoch: the last saved). A stop (Ctrl-C,
+    NonFiniteLoss, an OSError while saving) leaves on disk the checkpoint of the last saved epoch."""
     step = make_train_step(run.model, run.optimizer, run.config)
-    epoch = run.epoch
-    try:
-        for epoch in range(run.epoch + 1, run.config.epochs + 1):
-            save_epoch(run, run_epoch(run, step, epoch))
-    except KeyboardInterrupt:
-        kept = (
-            f"{run.ckpt_path} holds epoch {run.epoch}; continue with --resume" if run.epoch else "no epoch had finished"
-        )
-        print(f"\ninterrupted during epoch {epoch}: {kept}.", file=sys.stderr)
-        sys.exit(130)
-    except NonFiniteLoss as e:
-        where = f"step {e.args[0]} of epoch {epoch}" if e.args[0] is not None else f"the test pass of epoch {epoch}"
-        fail(
-            f"the loss became NaN or infinite at {where} ({run.kept()}); the learning rate (--lr {run.config.lr}) is "
-            f"likely too high for this model, or --beta / the data is off"
-        )
-    except OSError as e:  # writing the log or the checkpoint, e.g. a full disk; the old checkpoint stays whole
-        fail(
-            f"could not save epoch {epoch} in {run.config.out_dir}: {e.strerror or e} ({run.kept()}); "
-            f"{path_advice(e, '--out-dir')}"
-        )
-    print(f"saved {run.ckpt_path} (epoch {run.epoch}) and {run.log_path}")
+    for epoch in range(run.epoch + 1, run.config.epochs + 1):
+        save_epoch(run, run_epoch(run, step, epoch))
 
 
 def make_train_step(model, optimizer, config):

@@ -11,35 +11,23 @@ import json
 from pathlib import Path
 
 import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display: works on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from data import PRIOR_SAMPLE_SEED, DataError, load_mnist, load_test_set  # noqa: E402
-from evaluate import posterior_means  # noqa: E402
-from utils import (  # noqa: E402
-    CheckpointError,
-    PathError,
-    add_device_arg,
-    check_output_dir,
-    fail,
-    load_checkpoint,
-    path_advice,
-    pick_device,
-    stop_on_ctrl_c,
-    write_atomic,
-)
+from checkpoints import LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
+from cli import add_device_arg, pick_device, script
+from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
+from files import check_output_dir, write_png
+from scoring import posterior_means
 
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 N_RECONSTRUCTIONS = 10
 SAMPLES_SIDE = 10
-DPI = 120
 COMPARE_FILE = "compare_bernoulli_cb.png"
 WAYS_FILE = "ways_of_fitting.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
-LOG_KEYS = {"epoch", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
+LOG_KEYS = {"epoch", "train_bound", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
 
 
 # --------------------------------------------------------------------------------------------- latent geometry
@@ -143,24 +131,21 @@ def show_rows(ax, rows, labels, title):
 
 
 def save(fig, path):
-    """Write the figure as a PNG, atomically: a failed write (a full disk) leaves an older figure there whole."""
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
-    except OSError as e:
-        raise PathError(f"could not write {path} ({e.strerror or e}); {path_advice(e, '--plots-dir')}") from e
-    finally:
-        plt.close(fig)
+    write_png(fig, path)
     print(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------------------------- the five figures
+# Each is a matplotlib Figure, made without pyplot (no global state, no backend to choose): main saves it,
+# a notebook shows it.
 
 
-def plot_latent_scatter(mu, labels, plane, path):
+def latent_scatter_figure(mu, labels, plane):
     center, directions, _ = plane
     d = mu.shape[1]
     points = ((mu - center) @ directions.T).cpu()  # (N, 2)
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig = Figure(figsize=(6.5, 6))
+    ax = fig.subplots()
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", vmin=-0.5, vmax=9.5, s=2, alpha=0.7)
     handles, names = scatter.legend_elements(fmt="{x:.0f}")
     ax.legend(handles, names, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
@@ -174,10 +159,10 @@ def plot_latent_scatter(mu, labels, plane, path):
             ylabel="principal component 2",
         )
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
-def plot_manifold(model, plane, path):
+def manifold_figure(model, plane):
     center, directions, scales = plane
     coords = manifold_grid(MANIFOLD_SIDE).to(center.device)  # (20, 20, 2), standard-normal quantiles
     z = center + (coords * scales) @ directions  # (20, 20, d)
@@ -191,27 +176,30 @@ def plot_manifold(model, plane, path):
             "at Gaussian quantiles times the means' std along each"
         )
     )
-    fig, ax = plt.subplots(figsize=(7, 7.3))
+    fig = Figure(figsize=(7, 7.3))
+    ax = fig.subplots()
     show_image(ax, tile(images, MANIFOLD_SIDE, MANIFOLD_SIDE), f"Learned manifold: E[x|z] for\n{where}")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
-def plot_reconstructions(model, images, path):
+def reconstructions_figure(model, images):
     x = images[:N_RECONSTRUCTIONS]  # (n, 1, 28, 28)
     recon = model.mean(reconstruct(model, x))
-    fig, ax = plt.subplots(figsize=(8, 2.2))
+    fig = Figure(figsize=(8, 2.2))
+    ax = fig.subplots()
     show_rows(ax, [x, recon], ["test", "recon"], "Test images and their reconstructions E[x | z = mu(x)]")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
-def plot_samples(model, path):
+def samples_figure(model):
     z = prior_z(SAMPLES_SIDE**2, model.config.latent_dim, next(model.parameters()).device)
-    fig, ax = plt.subplots(figsize=(6, 6.3))
+    fig = Figure(figsize=(6, 6.3))
+    ax = fig.subplots()
     show_image(ax, tile(decode_means(model, z), SAMPLES_SIDE, SAMPLES_SIDE), "Samples: E[x|z], z ~ N(0, I)")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 def read_log(log_path):
@@ -229,12 +217,13 @@ def read_log(log_path):
     return None
 
 
-def plot_training_curves(records, beta, path):
+def training_curves_figure(records):
     epochs = [r["epoch"] for r in records]
     # The training loss is averaged over the epoch while the model improves, and is the bound the run
-    # trains (logs older than train_bound: the ELBO with its KL weighed by beta); the test loss is -ELBO.
-    bound = records[-1].get("train_bound") or ("-ELBO" if beta == 1 else f"recon + {beta:g} KL")
-    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    # trains (train_bound); the test loss is -ELBO.
+    bound = records[-1]["train_bound"]
+    fig = Figure(figsize=(10, 4))
+    loss_ax, kl_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", markersize=3, label=f"train, {bound}")
     loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", markersize=3, label="test, -ELBO")
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="nats / image")
@@ -245,7 +234,7 @@ def plot_training_curves(records, beta, path):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------- --compare
@@ -257,7 +246,7 @@ def model_inputs(state, model, data_dir, n, device):
 
 
 @torch.inference_mode()
-def plot_compare(bernoulli, cb, data_dirs, device, path):
+def compare_figure(bernoulli, cb, data_dirs, device):
     """Reconstructions and prior samples of both models; the CB ones both as lambda and as the CB mean.
 
     A CB decoder's lambda is not its mean: E[x] = 1 / (1 - e^-l) - 1 / l is pulled towards 1/2 (CB paper,
@@ -271,7 +260,8 @@ def plot_compare(bernoulli, cb, data_dirs, device, path):
     bernoulli_prior = bernoulli_model.decode(prior_z(n, bernoulli_model.config.latent_dim, device))
     cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device))  # one z for both CB rows
 
-    fig, (recon_ax, sample_ax) = plt.subplots(2, 1, figsize=(8, 6.5), height_ratios=[4, 3])
+    fig = Figure(figsize=(8, 6.5))
+    recon_ax, sample_ax = fig.subplots(2, 1, height_ratios=[4, 3])
     show_rows(
         recon_ax,
         [originals, bernoulli_model.mean(bernoulli_recon), torch.sigmoid(cb_recon), cb_model.mean(cb_recon)],
@@ -286,7 +276,7 @@ def plot_compare(bernoulli, cb, data_dirs, device, path):
     )
     fig.suptitle("Bernoulli vs continuous Bernoulli (CB) decoder: λ = sigmoid(logits) is not the CB mean")
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 def load_for_compare(paths, data_dir, device):
@@ -304,13 +294,14 @@ def load_for_compare(paths, data_dir, device):
 # --------------------------------------------------------------------------------------------- --ways-of-fitting
 
 
-def plot_ways_of_fitting(runs, path):
+def ways_of_fitting_figure(runs):
     """Test -ELBO (solid) and, for IWAE runs, the test -L_k they train (dashed), against epoch and wall time.
 
     runs: [(label, log records)], each record as train.py logs it.
     """
-    fig, (epoch_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for (label, records), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+    fig = Figure(figsize=(11, 4.2))
+    epoch_ax, time_ax = fig.subplots(1, 2, sharey=True)
+    for (label, records), color in zip(runs, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
         epochs = [r["epoch"] for r in records]
         minutes = torch.tensor([r["seconds"] for r in records]).cumsum(0).div(60).tolist()
         bound_key = next((key for key in records[0] if key.startswith("test_neg_l")), None)
@@ -325,17 +316,19 @@ def plot_ways_of_fitting(runs, path):
     for ax in (epoch_ax, time_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    save(fig, path)
+    return fig
 
 
 def load_runs(run_dirs):
     """[(label, log records)] of train.py's runs in these folders; the label says how each was fitted."""
     runs = []
-    for run_dir in map(Path, run_dirs):
-        state, _ = load_checkpoint(run_dir / "ckpt.pt")
-        records = read_log(run_dir / "log.jsonl")
+    for ckpt_path in map(checkpoint_path, run_dirs):
+        state, _ = load_checkpoint(ckpt_path)
+        records = read_log(ckpt_path.with_name(LOG_FILE))
         if records is None:
-            raise CheckpointError(f"{run_dir / 'log.jsonl'} is needed for --ways-of-fitting; train the run anew")
+            raise CheckpointError(
+                f"{ckpt_path.with_name(LOG_FILE)} is needed for --ways-of-fitting; train the run anew"
+            )
         c = state["train_config"]
         runs.append((f"{c['objective'].upper()}, {c['estimator']}, k = {c['k']}", records))
     return runs
@@ -367,46 +360,42 @@ def build_parser():
 
 def plot_all(state, model, data_dir, log_path, device, plots_dir):
     """The five figures of one model; the training curves only if its training log is there."""
-    train_config = state["train_config"]
     # The test set exactly as training scored it (same pixels), but all of it: --limit is for training.
-    images, labels = load_test_set(data_dir, train_config["pixels"], device, limit=None)
+    images, labels = load_test_set(data_dir, state["train_config"]["pixels"], device, limit=None)
     if model.config.latent_dim >= 2:
         mu = posterior_means(model, images)  # (N, d)
         plane = latent_plane(mu)
-        plot_latent_scatter(mu, labels, plane, plots_dir / "latent_scatter.png")
-        plot_manifold(model, plane, plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
+        save(latent_scatter_figure(mu, labels, plane), plots_dir / "latent_scatter.png")
+        save(manifold_figure(model, plane), plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
     else:
         print("latent_dim is 1: skipping the latent scatter and the manifold, which need a 2-D plane")
-    plot_reconstructions(model, images, plots_dir / "reconstructions.png")
-    plot_samples(model, plots_dir / "samples.png")
+    save(reconstructions_figure(model, images), plots_dir / "reconstructions.png")
+    save(samples_figure(model), plots_dir / "samples.png")
     records = read_log(log_path)
     if records is not None:
-        plot_training_curves(records, train_config["beta"], plots_dir / "training_curves.png")
+        save(training_curves_figure(records), plots_dir / "training_curves.png")
 
 
-@stop_on_ctrl_c
+@script
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     plots_dir = Path(args.plots_dir)
-    try:  # the folder is made once the checkpoints are known good, and before the data is loaded
-        if args.compare:
-            (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
-            check_output_dir(plots_dir, "--plots-dir")
-            plot_compare(bernoulli, cb, data_dirs, device, plots_dir / COMPARE_FILE)
-        elif args.ways_of_fitting:
-            runs = load_runs(args.ways_of_fitting)
-            plots_dir.mkdir(parents=True, exist_ok=True)
-            plot_ways_of_fitting(runs, plots_dir / WAYS_FILE)
-        else:
-            state, model = load_checkpoint(args.checkpoint, device)
-            check_output_dir(plots_dir, "--plots-dir")
-            data_dir = args.data_dir or state["train_config"]["data_dir"]
-            log_path = Path(args.checkpoint).parent / "log.jsonl"  # train.py writes it beside ckpt.pt
-            plot_all(state, model, data_dir, log_path, device, plots_dir)
-    except (CheckpointError, DataError, PathError) as e:
-        fail(str(e))
+    # The folder is made once the checkpoints are known good, and before the data is loaded.
+    if args.compare:
+        (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
+        check_output_dir(plots_dir, "--plots-dir")
+        save(compare_figure(bernoulli, cb, data_dirs, device), plots_dir / COMPARE_FILE)
+    elif args.ways_of_fitting:
+        runs = load_runs(args.ways_of_fitting)
+        check_output_dir(plots_dir, "--plots-dir")
+        save(ways_of_fitting_figure(runs), plots_dir / WAYS_FILE)
+    else:
+        state, model = load_checkpoint(args.checkpoint, device)
+        check_output_dir(plots_dir, "--plots-dir")
+        data_dir = args.data_dir or state["train_config"]["data_dir"]
+        plot_all(state, model, data_dir, Path(args.checkpoint).with_name(LOG_FILE), device, plots_dir)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import json
 import math
 from collections import Counter
 
-import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -20,8 +19,8 @@ import bench
 import train
 import visualize
 from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
-from evaluate import mean_neg_elbo, mean_neg_iwae_bound
 from model import VAE, VAEConfig, cb_mean
+from scoring import mean_neg_elbo, mean_neg_iwae_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,7 +203,7 @@ def test_test_elbo_is_the_same_whatever_the_training_random_state(monkeypatch):
         assert torch.equal(torch.get_rng_state(), before), "the scoring drew from the training stream"
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
     # ... and the equality is not vacuous: other noise gives another estimate.
-    monkeypatch.setattr("evaluate.ELBO_NOISE_SEED", 99)
+    monkeypatch.setattr("scoring.ELBO_NOISE_SEED", 99)
     assert not torch.equal(mean_neg_elbo(model, images, batch_size=16)[1], results[0][1])
 
 
@@ -239,14 +238,6 @@ def test_iwae_learning_rate_stays_at_its_last_value_after_the_last_stage():
 
 
 # --------------------------------------------------------------------------------------------- the figures
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures that visualize saves, captured instead of written: [(figure, path)]."""
-    figures = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kwargs: figures.append((fig, path)))
-    return figures
 
 
 def images_of(fig):
@@ -293,31 +284,31 @@ def assert_drawn(array, expected, wrong=None):
 
 @pytest.mark.parametrize("likelihood", ["cb", "bernoulli"])
 @torch.inference_mode()
-def test_figures_draw_the_decoder_mean(drawn, tmp_path, likelihood):
+def test_figures_draw_the_decoder_mean(likelihood):
     """Samples, the manifold and the reconstructions show E[x|z] of the decoder's logits: cb_mean for a CB
     decoder, sigmoid for a Bernoulli one; at the prior draws of PRIOR_SAMPLE_SEED, the grid of Gaussian
     quantiles and the posterior means."""
     model = spread_vae(likelihood)
 
-    visualize.plot_samples(model, tmp_path / "samples.png")
+    fig = visualize.samples_figure(model)
     z = torch.randn(100, 2, generator=torch.Generator().manual_seed(PRIOR_SAMPLE_SEED))
     logits = model.decode(z)
-    ((_, _, array),) = images_of(drawn[-1][0])
+    ((_, _, array),) = images_of(fig)
     assert_drawn(untiled(array), expected_mean(model, logits).reshape(10, 10, 28, 28), other_mean(model, logits))
 
-    visualize.plot_manifold(model, visualize.latent_plane(torch.randn(50, 2)), tmp_path / "manifold.png")
+    fig = visualize.manifold_figure(model, visualize.latent_plane(torch.randn(50, 2)))
     # Kingma & Welling's Fig. 4: z1 at the Gaussian quantiles (c + 1/2) / 20 along the columns, z2 along the rows,
     # growing upwards.
     q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(20) + 0.5) / 20)
     z = torch.stack([q[None, :].expand(20, 20), q.flip(0)[:, None].expand(20, 20)], -1)  # [row, col] -> (z1, z2)
     logits = model.decode(z)
-    ((_, _, array),) = images_of(drawn[-1][0])
+    ((_, _, array),) = images_of(fig)
     assert_drawn(untiled(array), expected_mean(model, logits).reshape(20, 20, 28, 28), other_mean(model, logits))
 
     x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    visualize.plot_reconstructions(model, x, tmp_path / "reconstructions.png")
+    fig = visualize.reconstructions_figure(model, x)
     logits = model.decode(model.encode(x[:10])[0])
-    ((_, labels, array),) = images_of(drawn[-1][0])
+    ((_, labels, array),) = images_of(fig)
     assert labels == ["test", "recon"]
     rows = untiled(array)
     assert_drawn(rows[0], x[:10, 0])
@@ -325,12 +316,12 @@ def test_figures_draw_the_decoder_mean(drawn, tmp_path, likelihood):
 
 
 @torch.inference_mode()
-def test_compare_draws_the_cb_model_as_lambda_and_as_its_mean(drawn, tmp_path, data_dir):
+def test_compare_draws_the_cb_model_as_lambda_and_as_its_mean(data_dir):
     """--compare: each row is what its label says, the CB one both as lambda = sigmoid(logits) and as cb_mean."""
     bernoulli, cb = spread_vae("bernoulli", latent_dim=3, seed=1), spread_vae("cb", latent_dim=2, seed=2)
     states = [{"train_config": {"pixels": "binary"}}, {"train_config": {"pixels": "dequantized"}}]
-    visualize.plot_compare((states[0], bernoulli), (states[1], cb), [data_dir, data_dir], "cpu", tmp_path / "c.png")
-    (fig, _), n = drawn[-1], visualize.N_RECONSTRUCTIONS
+    fig = visualize.compare_figure((states[0], bernoulli), (states[1], cb), [data_dir, data_dir], "cpu")
+    n = visualize.N_RECONSTRUCTIONS
     (recon_title, recon_labels, recon), (sample_title, sample_labels, samples) = images_of(fig)
     assert "Reconstructions" in recon_title and "Samples" in sample_title
 

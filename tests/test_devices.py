@@ -13,10 +13,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import bench
-import evaluate
+import scoring
 import train
+from checkpoints import load_checkpoint, save_checkpoint
 from model import VAE, VAEConfig
-from utils import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,11 +73,11 @@ def test_evaluation_makes_no_float64_on_the_device(likelihood):
     images = torch.rand(20, 1, 28, 28, device=META)
     labels = torch.zeros(20, dtype=torch.long, device=META)
     with StandInAccelerator():
-        nll = evaluate.iwae_nll(model, images, k=7, batch_size=8)
-        means = evaluate.posterior_means(model, images, batch_size=8)
+        nll = scoring.iwae_nll(model, images, k=7, batch_size=8)
+        means = scoring.posterior_means(model, images, batch_size=8)
         assert means.device == META and means.dtype == torch.float32
-        evaluate.active_units(means)
-        evaluate.knn_accuracy(means, labels, means, labels)
+        scoring.active_units(means)
+        scoring.knn_accuracy(means, labels, means, labels)
         bench.eval_throughput(model, images, 7, META)
     assert isinstance(nll, float)
 
@@ -86,17 +86,17 @@ def test_importance_samples_go_in_large_chunks_on_a_gpu(monkeypatch):
     """On the CPU the k samples of a batch go in 16 MiB chunks (the allocator reuses them); on a GPU in chunks
     16 times larger, so that k = 5000 is tens of launches per batch, not hundreds, with memory still bounded."""
     k, batch_size, bytes_per = 5000, 500, 4
-    cpu = evaluate.samples_per_chunk(k, batch_size, torch.device("cpu"))
+    cpu = scoring.samples_per_chunk(k, batch_size, torch.device("cpu"))
     assert cpu * batch_size * 784 * bytes_per <= 16 * 2**20
     for device in (torch.device("cuda"), torch.device("mps"), META):
-        chunk = evaluate.samples_per_chunk(k, batch_size, device)
+        chunk = scoring.samples_per_chunk(k, batch_size, device)
         assert chunk >= 16 * cpu and chunk * batch_size * 784 * bytes_per <= 256 * 2**20
     # ... and the estimator uses the chunk of the images' device.
     model, images = meta_vae(), torch.rand(batch_size, 1, 28, 28, device=META)
     calls = []
     real_log_weights = model.log_weights
     monkeypatch.setattr(model, "log_weights", lambda x, n, *args: calls.append(n) or real_log_weights(x, n, *args))
-    evaluate.log_likelihood_estimates(model, images, k, batch_size)
+    scoring.log_likelihood_estimates(model, images, k, batch_size)
     assert sum(calls) == k and len(calls) <= 40
 
 
@@ -108,7 +108,7 @@ def test_knn_blocks_grow_on_a_gpu(monkeypatch):
     queries, reference = torch.zeros(10000, 4, device=META), torch.zeros(60000, 4, device=META)
     labels = torch.zeros(60000, dtype=torch.long, device=META)
     with StandInAccelerator():
-        evaluate.knn_accuracy(queries, labels[:10000], reference, labels)
+        scoring.knn_accuracy(queries, labels[:10000], reference, labels)
     assert sum(blocks) == 10000 and len(blocks) <= 10
     assert max(blocks) * 60000 * 4 <= 256 * 2**20
 
@@ -135,9 +135,8 @@ def test_resume_onto_another_device_restores_the_random_state(run):
     and the data move to the device, while the saved random state, which torch takes only as a CPU
     ByteTensor, comes back as one and is restored."""
     saved = torch.load(run / "ckpt.pt", weights_only=True)
-    args = train.build_parser().parse_args(["--resume", "--epochs", "2", "--out-dir", str(run)])
     torch.manual_seed(12345)  # anything but the saved state
-    resumed = train.resume_run(args, META)
+    resumed = train.resume_run(run, META, {"epochs": 2})
     assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])
     assert {p.device for p in resumed.model.parameters()} == {META}
     assert resumed.train_images.device == META and resumed.test_images.device == META

@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal
 
+import data
 import evaluate
+import scoring
 import train
+from checkpoints import load_checkpoint
 from data import DataError, load_scored_split, load_test_set
 from model import VAE, VAEConfig
-from utils import load_checkpoint
 
 RESULT_KEYS = {
     "test_neg_elbo",
@@ -143,9 +145,9 @@ def test_chunked_estimates_equal_a_manual_computation_on_the_same_draws(monkeypa
     eps for each chunk in the same order from the same seed and does the rest with torch.distributions."""
     model, images = random_vae(likelihood), random_images(5, likelihood)
     k, batch_size, chunk, seed = 10, 2, 3, 7
-    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", chunk * batch_size * 784)
-    assert evaluate.samples_per_chunk(k, batch_size) == chunk
-    got = evaluate.log_likelihood_estimates(model, images, k, batch_size, torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", chunk * batch_size * 784)
+    assert scoring.samples_per_chunk(k, batch_size) == chunk
+    got = scoring.log_likelihood_estimates(model, images, k, batch_size, torch.Generator().manual_seed(seed))
 
     generator = torch.Generator().manual_seed(seed)
     expected = []
@@ -160,9 +162,9 @@ def test_chunked_estimates_equal_a_manual_computation_on_the_same_draws(monkeypa
 
 def test_samples_per_chunk_respects_the_budget():
     for k, batch_size in [(5000, 100), (5000, 1000), (7, 100), (5000, 10**6)]:
-        chunk = evaluate.samples_per_chunk(k, batch_size)
+        chunk = scoring.samples_per_chunk(k, batch_size)
         assert 1 <= chunk <= k
-        assert chunk == 1 or chunk * batch_size * 784 <= evaluate.BLOCK_ELEMENTS
+        assert chunk == 1 or chunk * batch_size * 784 <= scoring.BLOCK_ELEMENTS
 
 
 # --------------------------------------------------------------------------------------------- latent measures
@@ -172,14 +174,14 @@ def test_active_units_counts_dims_with_posterior_mean_variance_above_0_01():
     variances = torch.tensor([1.0, 0.04, 0.011, 0.009, 0.0025, 0.0])
     means = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     means = (means - means.mean(0)) / means.std(0, correction=0) * variances.double().sqrt() + 5.0
-    assert evaluate.active_units(means) == 3
-    assert evaluate.active_units(means[:1]) == 0
+    assert scoring.active_units(means) == 3
+    assert scoring.active_units(means[:1]) == 0
 
 
 @torch.inference_mode()
 def test_posterior_means_are_the_encoder_means_in_batches():
     model, images = random_vae(), random_images(7, "bernoulli")
-    torch.testing.assert_close(evaluate.posterior_means(model, images, batch_size=3), model.encode(images)[0])
+    torch.testing.assert_close(scoring.posterior_means(model, images, batch_size=3), model.encode(images)[0])
 
 
 def brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors):
@@ -197,8 +199,8 @@ def test_knn_accuracy_equals_brute_force(monkeypatch):
     queries = centres[query_labels] + rng.normal(size=(150, 4))
     expected = brute_force_knn_accuracy(queries, query_labels, reference, reference_labels, 15)
     assert 0.3 < expected < 0.95  # neither trivial nor hopeless
-    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", 600 * 40)  # 40 queries per block: 4 blocks, the last short
-    got = evaluate.knn_accuracy(
+    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", 600 * 40)  # 40 queries per block: 4 blocks, the last short
+    got = scoring.knn_accuracy(
         torch.from_numpy(queries),
         torch.from_numpy(query_labels),
         torch.from_numpy(reference),
@@ -271,7 +273,7 @@ def evaluated(data_dir, tmp_path_factory, encoded, one_thread_for_the_module):
         reference_sizes = []
         encoded[name] = []
         with pytest.MonkeyPatch.context() as patch:
-            load_reference_set, posterior_means = evaluate.load_reference_set, evaluate.posterior_means
+            load_reference_set, posterior_means = data.load_reference_set, scoring.posterior_means
 
             def spy(*args, load_reference_set=load_reference_set, name=name, sizes=reference_sizes, **kwargs):
                 images, labels = load_reference_set(*args, **kwargs)

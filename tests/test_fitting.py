@@ -18,11 +18,11 @@ import gradient_variance
 import model as model_module
 import train
 import visualize
+from checkpoints import load_checkpoint
 from data import load_test_set
-from evaluate import mean_neg_iwae_bound
 from gradient_variance import encoder_gradients, noise_summary
 from model import VAE, VAEConfig, log_likelihood
-from utils import load_checkpoint
+from scoring import mean_neg_iwae_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,8 +188,8 @@ def test_ways_of_fitting_figure_reads_every_run(tmp_path, data_dir, monkeypatch)
     train.main([*common, "--out-dir", str(tmp_path / "elbo")])
     train.main([*common, "--objective", "iwae", "--k", "3", "--out-dir", str(tmp_path / "iwae")])
     drawn = []
-    real = visualize.plot_ways_of_fitting
-    monkeypatch.setattr(visualize, "plot_ways_of_fitting", lambda runs, path: (drawn.append(runs), real(runs, path)))
+    real = visualize.ways_of_fitting_figure
+    monkeypatch.setattr(visualize, "ways_of_fitting_figure", lambda runs: (drawn.append(runs), real(runs))[1])
     visualize.main(
         ["--ways-of-fitting", str(tmp_path / "elbo"), str(tmp_path / "iwae"), "--plots-dir", str(tmp_path / "plots")]
     )

@@ -26,9 +26,9 @@ from test_reliability import TINY, QuietTqdm, only_error, shown_lines, the_error
 import bench
 import data
 import evaluate
+import files
 import gradient_variance
 import train
-import utils
 import visualize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,7 +286,7 @@ def test_a_figure_that_cannot_be_written_is_one_line_and_the_old_one_stays(
     plots = tmp_path / "plots"
     plots.mkdir()
     old = a_file(plots / "reconstructions.png", "an older figure")
-    refuse_from(monkeypatch, visualize, "plot_reconstructions", refuse, plots, code)
+    refuse_from(monkeypatch, visualize, "reconstructions_figure", refuse, plots, code)
     status, _, err = run_script(capsys, "visualize", "--checkpoint", ckpt, "--plots-dir", plots, "--device", "cpu")
     assert status == 1
     only_error(err, f"could not write {plots / 'reconstructions.png'}", os.strerror(code), advice)
@@ -394,7 +394,7 @@ def test_write_atomic_interrupted_keeps_the_old_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        utils.write_atomic(target, write_then_ctrl_c)
+        files.write_atomic(target, write_then_ctrl_c)
     assert target.read_text() == "older results"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -573,7 +573,7 @@ def test_ctrl_c_while_fetching_leaves_no_partial_file(capsys, tmp_path, monkeypa
         ("evaluate", (evaluate, "iwae_nll")),
         ("evaluate", (evaluate, "knn_accuracy")),
         ("visualize", (visualize, "load_checkpoint")),
-        ("visualize", (visualize, "plot_samples")),
+        ("visualize", (visualize, "samples_figure")),
         ("bench", (bench, "ensure_mnist")),
         ("bench", (bench, "eval_throughput")),
         ("gradient_variance", (gradient_variance, "measure")),

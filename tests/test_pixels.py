@@ -1,15 +1,14 @@
 """How pixels are presented (--pixels): dequantization's bins and freshness, the default run's settings, the
-continuous Bernoulli's bounded logits on dequantized pixels, and checkpoints written with --binarize."""
-
-from dataclasses import asdict
+continuous Bernoulli's bounded logits on dequantized pixels."""
 
 import pytest
 import torch
 
 import train
+from checkpoints import load_checkpoint
+from cli import config_from_args
 from data import SCORED_SPLIT_SEED, batches, load_mnist, load_test_set, present, resolve_pixels
-from model import VAE, VAEConfig
-from utils import config_from_args, load_checkpoint, save_checkpoint
+from model import VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,39 +112,3 @@ def test_cb_on_dequantized_pixels_keeps_bounded_logits(tmp_path, data_dir):
         smallest[pixels] = logits.min().item()
     assert smallest["dequantized"] > -1000, smallest  # near the optimum of the bin, far above -1e4
     assert smallest["grey"] < -1500, smallest  # exact zeros keep pulling: the check can fail
-
-
-@pytest.mark.parametrize(
-    "binarize, likelihood, pixels",
-    [
-        ("auto", "bernoulli", "binary"),
-        ("auto", "cb", "grey"),
-        ("none", "cb", "grey"),
-        ("none", "bernoulli", "grey"),
-        ("dynamic", "cb", "binary"),
-    ],
-)
-def test_checkpoints_written_with_binarize_load_and_keep_their_meaning(tmp_path, binarize, likelihood, pixels):
-    config = VAEConfig(latent_dim=2, hidden_dims=(8,), likelihood=likelihood)
-    vae = VAE(config)
-    state_dict = vae.state_dict()
-    # the layout of that version: the decoder's last layer inside the decoder (decoder.1 of the MLP)
-    legacy = {(k.replace("to_logits.", "decoder.1.")): v for k, v in state_dict.items()}
-    train_config = {
-        k: v for k, v in asdict(train.TrainConfig()).items() if k not in ("pixels", "objective", "k", "estimator")
-    }
-    save_checkpoint(
-        tmp_path / "old.pt",
-        {
-            "model": legacy,
-            "model_config": asdict(config),
-            "train_config": {**train_config, "binarize": binarize},
-            "epoch": 3,
-        },
-    )
-    state, loaded = load_checkpoint(tmp_path / "old.pt")
-    assert state["train_config"]["pixels"] == pixels and "binarize" not in state["train_config"]
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, state_dict[name]), name
-    # and train.py can resume it: the missing settings of that version take their defaults
-    assert train.TrainConfig(**state["train_config"]).objective == "elbo"

@@ -1,4 +1,4 @@
-"""train.py and utils.py when things go wrong: bad flags, bad data, crashes, bad, hostile or damaged
+"""train.py and checkpoints.py when things go wrong: bad flags, bad data, crashes, bad, hostile or damaged
 checkpoints, --resume, Ctrl-C and a diverging loss.
 
 Every run is tiny (128 images, one hidden layer of 32, 4 steps an epoch, one CPU thread). train.main runs
@@ -26,12 +26,12 @@ import pytest
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import evaluate
 import train
-import utils
 import visualize
-from utils import CheckpointError, load_checkpoint
+from checkpoints import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--limit", "128", "--batch-size", "32", "--hidden-dims", "32", "--device", "cpu"]
@@ -245,7 +245,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(capsys, run, monkeypatch
         f.write(b"PK\x03\x04 the first bytes of a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(utils.torch, "save", torn_save)
+    monkeypatch.setattr(checkpoints.torch, "save", torn_save)
     code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
     monkeypatch.undo()
     assert code == 1
@@ -468,7 +468,7 @@ def test_checkpoint_carries_the_checksums_of_its_tensors(capsys, run):
     state = _state(run)  # still a plain dict that torch.load reads with weights_only=True
     assert set(state["checksum"]) == {"model", "optimizer", "rng"}
     for part, digest in state["checksum"].items():
-        assert digest == utils.tensor_digest(state[part]) and len(digest) == 64
+        assert digest == checkpoints.tensor_digest(state[part]) and len(digest) == 64
     capsys.readouterr()
     load_checkpoint(run / "ckpt.pt")
     assert capsys.readouterr().err == ""
@@ -515,18 +515,16 @@ def test_a_bit_flipped_in_the_training_state_is_refused_on_resume(capsys, run, p
     assert (run / "ckpt.pt").read_bytes() == damaged and log_epochs(run) == [1]
 
 
-def test_checkpoint_from_before_checksums_loads_with_a_note(capsys, run):
+def test_checkpoint_without_checksums_is_refused_as_another_versions(capsys, run):
     state = _state(run)
     del state["checksum"]
     _save(run, state)
-    capsys.readouterr()
-    load_checkpoint(run / "ckpt.pt")
-    (note,) = shown_lines(capsys.readouterr().err)
-    assert note.startswith("note: ") and str(run / "ckpt.pt") in note and "no checksum" in note
-
+    with pytest.raises(CheckpointError, match="another version of this code") as refused:
+        load_checkpoint(run / "ckpt.pt")
+    assert str(run / "ckpt.pt") in str(refused.value) and "\n" not in str(refused.value)
     code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
-    assert code == 0 and err == [note]
-    assert set(_state(run)["checksum"]) == {"model", "optimizer", "rng"}  # its next save has them
+    assert code == 1
+    only_error(err, "cannot resume", "another version of this code")
 
 
 @pytest.mark.parametrize("checksum", ["0" * 64, {"model": "0" * 64}, {"optimizer": "0" * 64}])
@@ -539,15 +537,15 @@ def test_a_checksum_that_does_not_fit_is_refused(run, checksum):
 
 def test_tensor_digest_sees_every_value_name_dtype_and_shape_but_not_the_order_of_keys():
     weights = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
-    digest = utils.tensor_digest(weights)
-    assert utils.tensor_digest({"b": torch.zeros(3), "a": torch.arange(6.0).reshape(2, 3)}) == digest
+    digest = checkpoints.tensor_digest(weights)
+    assert checkpoints.tensor_digest({"b": torch.zeros(3), "a": torch.arange(6.0).reshape(2, 3)}) == digest
     for other in [
         {**weights, "b": torch.tensor([0.0, 0.0, 1e-30])},
         {**weights, "b": torch.zeros(3, dtype=torch.float64)},
         {**weights, "a": torch.arange(6.0).reshape(3, 2)},
         {"a": weights["a"], "c": weights["b"]},
     ]:
-        assert utils.tensor_digest(other) != digest
+        assert checkpoints.tensor_digest(other) != digest
 
 
 # --------------------------------------------------------------------------------------------- --resume

@@ -9,8 +9,8 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Nor
 
 import bench
 import train
+from checkpoints import load_checkpoint
 from data import load_test_set
-from utils import load_checkpoint
 
 TINY = ["--limit", "256", "--batch-size", "64", "--device", "cpu"]
 
