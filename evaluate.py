@@ -9,6 +9,8 @@ and, from the posterior means:
   active units    latent dims whose posterior mean varies across the test images (Burda et al., Section 5.2);
   15-NN accuracy  digit classification, with the training images as the reference set (the measure
                   Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs).
+For a model with a 2-D latent also the exact -log p(x), by quadrature over the latent plane (on the first
+--exact-images test images: a grid of 201 x 201 decoder passes per image).
 """
 
 import argparse
@@ -27,11 +29,14 @@ from scoring import (
     active_units,
     bits_per_dim,
     bits_per_dim_8bit,
+    exact_log_likelihood,
     iwae_nll,
     knn_accuracy,
     mean_neg_elbo,
     posterior_means,
 )
+
+EXACT_IMAGES = 1000  # 201 x 201 decoder passes an image, 8 times what k = 5000 costs
 
 
 def build_parser():
@@ -53,6 +58,12 @@ def build_parser():
     p.add_argument(
         "--seed", type=int, default=IMPORTANCE_SEED, help="seed of the importance samples (default: %(default)s)"
     )
+    p.add_argument(
+        "--exact-images",
+        type=positive_int,
+        default=EXACT_IMAGES,
+        help="for a 2-D latent, the exact -log p(x) on the first N of the test images (default: %(default)s)",
+    )
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to this JSON file")
     add_device_arg(p)
@@ -73,6 +84,7 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     results = {
         **score(model, test, reference, args.k, args.batch_size, generator),
+        **(score_exactly(model, test[0][: args.exact_images]) if model.config.latent_dim == 2 else {}),
         "n_images": test[0].shape[0],
         "k": args.k,
         "model_config": state["model_config"],
@@ -107,6 +119,17 @@ def score(model, test, reference, k, batch_size, generator):
     }
 
 
+def score_exactly(model, images):
+    """-log p(x) by quadrature, averaged over `images` (a 2-D model), and how negligible the integrand was at the
+    grids' borders (the smallest distance below the peak, in nats)."""
+    log_px, border_nats = exact_log_likelihood(model, tqdm(images, desc="exact log p(x)", unit="image", leave=False))
+    return {
+        "test_nll_exact": -log_px.mean().item(),
+        "exact_n_images": images.shape[0],
+        "exact_border_nats": border_nats.min().item(),
+    }
+
+
 def print_table(checkpoint, r):
     print(f"{checkpoint} (epoch {r['epoch']}), {r['n_images']} test images")
     print(
@@ -114,6 +137,12 @@ def print_table(checkpoint, r):
         f"(recon {r['test_recon']:.3f} + KL {r['test_kl']:.3f})"
     )
     print(f"  -log p(x)        {r['test_nll']:9.3f} nats/image  (importance sampled, k = {r['k']})")
+    if "test_nll_exact" in r:
+        print(
+            f"  -log p(x)        {r['test_nll_exact']:9.3f} nats/image  (exact, by quadrature, first "
+            f"{r['exact_n_images']} images; integrand at the grids' borders >= {r['exact_border_nats']:.0f} nats "
+            f"below its peak)"
+        )
     print(f"  -log p(x)        {r['bits_per_dim']:9.4f} bits/pixel")
     if "bits_per_dim_8bit" in r:
         print(f"  -log P(8-bit) <= {r['bits_per_dim_8bit']:9.4f} bits/pixel  (the dequantized density's bound)")

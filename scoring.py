@@ -7,15 +7,18 @@ scores on the very same numbers.
                   test negative log-likelihood the papers report;
   active units    latent dims whose posterior mean varies across the images (Burda et al., Section 5.2);
   k-NN accuracy   digit classification from the posterior means, the training images as the reference set
-                  (the measure Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs).
+                  (the measure Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs);
+and, for a model with a 2-D latent, log p(x) itself, by quadrature on a grid, and the ELBO without sampling.
 """
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from data import ELBO_NOISE_SEED, batches
-from model import N_PIXELS
+from model import N_PIXELS, diag_normal_log_prob, kl_std_normal, std_normal_log_prob
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -121,3 +124,115 @@ def bits_per_dim_8bit(nll):
     log-likelihood of the 8-bit images k, in bits per pixel: -log P(k) <= -E_u log p((k + u)/256) + 784 log 256
     (Theis, van den Oord & Bethge 2016, Section 3.1; the bin width 1/256 gives the 784 log 256)."""
     return bits_per_dim(nll + N_PIXELS * math.log(256))
+
+
+# --------------------------------------------------------------------------------------------- exact, for d = 2
+# With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz is an integral over the plane that a grid computes to any
+# accuracy: the number that the ELBO and L_k bound from below. q(z|x) says where the integrand lives.
+
+GRID_POINTS = 201  # per axis
+GRID_HALF_WIDTH = 8.0  # q's standard deviations either way of its mean, at first
+GRID_DOUBLINGS = 6  # at most, while the integrand on the border is not negligible
+NEGLIGIBLE_NATS = 30.0  # the border's largest value below the peak: e^-30 ~ 1e-13 of it
+GAUSS_HERMITE_NODES = 80  # per axis, for E_q[log p(x|z)]
+
+
+@dataclass
+class PosteriorGrid:
+    """log p(x, z) on a grid over the latent plane, for one image: log_joint[i, j] at z = (z1[i], z2[j])."""
+
+    z1: torch.Tensor  # (n,), float64, evenly spaced
+    z2: torch.Tensor  # (n,)
+    log_joint: torch.Tensor  # (n, n)
+    border_nats: float  # how far below its peak the integrand is everywhere on the border
+
+    def points(self):
+        """The grid's z, (n * n, 2), in the order of log_joint.flatten()."""
+        return grid_points(self.z1, self.z2)
+
+    def log_weights(self):
+        """The trapezoid rule's log weights on the grid, (n, n): the cell's area inside, half or a quarter of it
+        on the border."""
+        w1, w2 = (torch.full_like(z, (z[-1] - z[0]).item() / (len(z) - 1)) for z in (self.z1, self.z2))
+        w1[[0, -1]] /= 2
+        w2[[0, -1]] /= 2
+        return w1.log()[:, None] + w2.log()[None, :]
+
+    @property
+    def log_px(self):
+        """log p(x) = log ∫ p(x, z) dz by the trapezoid rule (exponentially accurate for a smooth integrand that
+        vanishes at the border)."""
+        return torch.logsumexp((self.log_joint + self.log_weights()).flatten(), 0).item()
+
+    @property
+    def log_posterior(self):
+        """log p(z|x) = log p(x, z) - log p(x) on the grid, (n, n): a density, it integrates to 1."""
+        return self.log_joint - self.log_px
+
+    def kl_from(self, mu, logvar):
+        """KL(q || p(z|x)) = E_q[log q(z|x) - log p(z|x)] on the grid, for q = N(mu, diag(exp(logvar))), mu and
+        logvar (2,): the gap between the ELBO and log p(x) (Kingma & Welling 2014, eq. (1))."""
+        log_q = diag_normal_log_prob(self.points(), mu.double(), logvar.double()).reshape(self.log_joint.shape)
+        q = torch.exp(log_q + self.log_weights())  # q's mass at each point
+        return (q * (log_q - self.log_posterior)).sum().item()
+
+
+@torch.inference_mode()
+def posterior_grid(model, x, points=GRID_POINTS):
+    """log p(x, z) = log p(x|z) + log p(z) on a points x points grid for one image x (1, 28, 28) of a model with
+    a 2-D latent. The grid is centred on the mean of q(z|x) and spans GRID_HALF_WIDTH of its standard
+    deviations either way; it doubles its span until the integrand on its border is NEGLIGIBLE_NATS below its
+    peak (at most GRID_DOUBLINGS times; border_nats says how far below it is)."""
+    if model.config.latent_dim != 2:
+        raise ValueError(f"the quadrature is over a 2-D latent; this model's is {model.config.latent_dim}-D")
+    mu, logvar = (t[0].double() for t in model.encode(x[None]))  # (2,) each
+    half_width = GRID_HALF_WIDTH * torch.exp(0.5 * logvar)
+    for _ in range(GRID_DOUBLINGS + 1):
+        z1, z2 = (
+            torch.linspace(-1, 1, points, dtype=torch.float64, device=x.device) * h + m
+            for m, h in zip(mu, half_width, strict=True)
+        )
+        z = grid_points(z1, z2)  # (n * n, 2)
+        log_joint = (log_likelihood_at(model, x, z) + std_normal_log_prob(z)).reshape(points, points)
+        border = torch.cat([log_joint[[0, -1]].flatten(), log_joint[:, [0, -1]].flatten()]).max()
+        border_nats = (log_joint.max() - border).item()
+        if border_nats >= NEGLIGIBLE_NATS:
+            break
+        half_width = 2 * half_width
+    return PosteriorGrid(z1, z2, log_joint, border_nats)
+
+
+def grid_points(z1, z2):
+    """The points of the grid z1 x z2, (n1 * n2, 2), row-major: (z1[i], z2[j]) at i * n2 + j."""
+    return torch.stack(torch.meshgrid(z1, z2, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def log_likelihood_at(model, x, z):
+    """log p(x|z) for one image x (1, 28, 28) at the points z (M, d), in float64, decoded in blocks of
+    block_elements: (M,)."""
+    rows = max(1, block_elements(x.device) // N_PIXELS)
+    dtype = next(model.parameters()).dtype
+    return torch.cat([model.log_px_z(x[None], part[:, None].to(dtype))[:, 0].double() for part in z.split(rows)])
+
+
+def exact_log_likelihood(model, images, points=GRID_POINTS):
+    """log p(x) by quadrature (posterior_grid) for every image, and how far below its peak the integrand is on
+    each grid's border: two float64 tensors (N,) on the CPU."""
+    grids = [posterior_grid(model, x, points) for x in images]
+    return torch.tensor([g.log_px for g in grids], dtype=torch.float64), torch.tensor([g.border_nats for g in grids])
+
+
+@torch.inference_mode()
+def exact_elbo(model, images, nodes=GAUSS_HERMITE_NODES):
+    """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) for every image (N, 1, 28, 28) of a 2-D model, with no
+    sampling: the expectation by nodes x nodes Gauss-Hermite quadrature under q, the KL in closed form. (N,)"""
+    t, w = np.polynomial.hermite.hermgauss(nodes)  # ∫ e^(-t^2) f(t) dt ~ sum_i w_i f(t_i)
+    t = torch.tensor(t, device=images.device)
+    eps = math.sqrt(2) * torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)  # (nodes^2, 2)
+    weights = torch.tensor(np.outer(w, w).reshape(-1) / math.pi, device=images.device)  # (nodes^2,), sum 1
+    mu, logvar = (t.double() for t in model.encode(images))  # (N, 2) each
+    expected = [
+        (weights * log_likelihood_at(model, x, m + torch.exp(0.5 * lv) * eps)).sum()
+        for x, m, lv in zip(images, mu, logvar, strict=True)
+    ]
+    return torch.stack(expected) - kl_std_normal(mu, logvar)
