@@ -14,9 +14,15 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 import argparse
 import os
 import platform
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 import torchvision
@@ -165,6 +171,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     config = config_from_args(VAEConfig, args)
+    if config.arch == "conv":  # its convolutions are no matrix products of the plan's kind
+        parser.error("--arch conv: the GEMM bound counts the products of Linear layers only; bench.py times MLPs")
     pixels = resolve_pixels(args.pixels, config.likelihood)
     check_json_flag(parser, args.json)
     ensure_mnist(args.data_dir)

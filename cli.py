@@ -7,6 +7,7 @@ flags are usage errors (argparse's message and exit status 2).
 
 import argparse
 import functools
+import signal
 import sys
 from dataclasses import fields
 
@@ -38,6 +39,8 @@ def script(main):
 
     @functools.wraps(main)
     def main_ending_in_one_line(*args, **kwargs):
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # not ignored, as it is in a background job
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:

@@ -5,6 +5,7 @@ so that a failure at any moment leaves the older file whole. A path the scripts 
 their expensive work; a refusal is a PathError whose message names the path, the reason and what to do.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -42,8 +43,10 @@ def path_problem(flag, path, e):
 
 def check_output_dir(path, flag):
     """Create the folder `path` (given by `flag`) if need be, and check that files can be written into it: a
-    bad --out-dir or --plots-dir stops the script at once, not after its expensive work. Raises PathError."""
+    bad --out-dir or --plots-dir stops the script at once, not after its expensive work. Returns the folders it
+    made, outermost first. Raises PathError."""
     path = Path(path)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()][::-1]
     try:
         if path.exists() and not path.is_dir():
             raise PathError(f"{flag} {path} is a file, not a folder; give a folder (a new one is created)")
@@ -51,6 +54,22 @@ def check_output_dir(path, flag):
         probe_write(path)
     except OSError as e:
         raise path_problem(flag, path, e) from e
+    return made
+
+
+@contextlib.contextmanager
+def output_dir(path, flag):
+    """check_output_dir, for a block that prepares what goes into the folder (loads the data): if the block
+    fails (bad data, Ctrl-C), the folders check_output_dir made are removed again, so that a failed start
+    leaves no empty folder behind."""
+    made = check_output_dir(path, flag)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # no longer empty: what is in it stays
+                folder.rmdir()
+        raise
 
 
 def check_output_file(path, flag):

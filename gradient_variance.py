@@ -11,7 +11,13 @@ the encoder's parameters, and the signal-to-noise ratio |mean| / std, averaged l
 """
 
 import argparse
+import signal
+import sys
 from pathlib import Path
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 from matplotlib.figure import Figure
@@ -19,7 +25,7 @@ from matplotlib.figure import Figure
 from checkpoints import load_checkpoint
 from cli import add_device_arg, check_json_flag, pick_device, positive_int, script, write_results
 from data import load_test_set, load_train_set
-from files import check_output_dir, write_png
+from files import output_dir, write_png
 from model import ESTIMATORS, OBJECTIVES, VAE
 
 KS = (1, 2, 5, 10, 50)
@@ -113,12 +119,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = pick_device(args.device, parser)
     check_json_flag(parser, args.json)
-    check_output_dir(args.plots_dir, "--plots-dir")
     state, model = load_checkpoint(args.checkpoint, device)
     train_config = state["train_config"]
     data_dir = args.data_dir or train_config["data_dir"]
-    x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
-    train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
+    with output_dir(args.plots_dir, "--plots-dir"):
+        x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
+        train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
     for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
         print(f"{which} model:")

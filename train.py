@@ -3,8 +3,15 @@
 import argparse
 import json
 import math
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 from tqdm import tqdm
@@ -19,7 +26,7 @@ from checkpoints import (
 )
 from cli import add_config_args, add_device_arg, config_from_args, fail, interrupted, pick_device, script
 from data import PIXELS, batches, load_test_set, load_train_set, resolve_pixels
-from files import PathError, check_output_dir, path_advice, path_problem, write_atomic
+from files import PathError, check_output_dir, output_dir, path_advice, path_problem, write_atomic
 from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
 from scoring import mean_neg_elbo, mean_neg_iwae_bound
 
@@ -162,9 +169,9 @@ def start_run(model_config, config, device, overwrite=False):
             "or another --out-dir"
         )
     config = replace(config, pixels=resolve_pixels(config.pixels, model_config.likelihood))  # saved as it is meant
-    check_output_dir(config.out_dir, "--out-dir")  # before the data: a typo costs a second, not an epoch
-    torch.manual_seed(config.seed)
-    train_images, test_images = load_data(config, device)
+    with output_dir(config.out_dir, "--out-dir"):  # checked before the data: a typo costs a second, not an epoch
+        torch.manual_seed(config.seed)
+        train_images, test_images = load_data(config, device)
     model = VAE(model_config).to(device)
     model.init_output_bias(train_images.mean(0))
     run = Run(config, model, make_optimizer(model, config), train_images, test_images, 0, device)
@@ -180,6 +187,8 @@ def resume_run(out_dir, device, settings=None):
     """The run in out_dir as its checkpoint left it: model, optimizer, epoch and random state. settings: new
     values of the fields that may change on resume (RESUMABLE), by name, such as {"epochs": 50}."""
     ckpt_path = checkpoint_path(out_dir)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PathError(f"cannot resume: --out-dir {out_dir} is a file, not a folder; give the run's folder")
     try:
         state, model = load_checkpoint(ckpt_path, device)
     except CheckpointError as e:

@@ -8,7 +8,13 @@ continuous-Bernoulli one, and shows why a CB decoder's images are displayed as i
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import matplotlib
 import torch
@@ -18,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from checkpoints import LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
 from cli import add_device_arg, pick_device, script
 from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
-from files import check_output_dir, write_png
+from files import check_output_dir, output_dir, write_png
 from scoring import posterior_means
 
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
@@ -393,9 +399,9 @@ def main(argv=None):
         save(ways_of_fitting_figure(runs), plots_dir / WAYS_FILE)
     else:
         state, model = load_checkpoint(args.checkpoint, device)
-        check_output_dir(plots_dir, "--plots-dir")
         data_dir = args.data_dir or state["train_config"]["data_dir"]
-        plot_all(state, model, data_dir, Path(args.checkpoint).with_name(LOG_FILE), device, plots_dir)
+        with output_dir(plots_dir, "--plots-dir"):
+            plot_all(state, model, data_dir, Path(args.checkpoint).with_name(LOG_FILE), device, plots_dir)
 
 
 if __name__ == "__main__":
