@@ -12,6 +12,7 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 """
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -67,9 +68,9 @@ def timed(fn, device):
 # --------------------------------------------------------------------------------------------- the loops
 
 
-def our_epoch(model, step, train_images, test_images, config):
+def our_epoch(model, step, train_images, test_images, config, kl_weights):
     model.train()
-    train_loss = train.train_epoch(step, train_images, config.batch_size, config.pixels)
+    train_loss = train.train_epoch(step, train_images, None, config.batch_size, config.pixels, kl_weights)
     model.eval()
     test_loss, _, _ = mean_neg_elbo(model, test_images)
     return train_loss.item(), test_loss.item()
@@ -173,6 +174,8 @@ def main(argv=None):
     config = config_from_args(VAEConfig, args)
     if config.arch == "conv":  # its convolutions are no matrix products of the plan's kind
         parser.error("--arch conv: the GEMM bound counts the products of Linear layers only; bench.py times MLPs")
+    if config.conditional:
+        parser.error("--conditional: bench.py times the unconditional model, as pytorch/examples' loop has it")
     pixels = resolve_pixels(args.pixels, config.likelihood)
     check_json_flag(parser, args.json)
     ensure_mnist(args.data_dir)
@@ -198,7 +201,8 @@ def make_runs(model, train_config, train_images, test_images, data_dir):
     device, (n_train, n_test) = train_images.device, (train_images.shape[0], test_images.shape[0])
     # Ours: the very functions train.py runs.
     step = train.make_train_step(model, train.make_optimizer(model, train_config), train_config)
-    run_ours = lambda: our_epoch(model, step, train_images, test_images, train_config)  # noqa: E731
+    weights = train.kl_weights(train_config, 1, math.ceil(n_train / train_config.batch_size)).to(device)
+    run_ours = lambda: our_epoch(model, step, train_images, test_images, train_config, weights)  # noqa: E731
     # Baseline: pytorch/examples' loop, on a model of the same configuration with the same loss.
     baseline_model = VAE(model.config).to(device)
     optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)

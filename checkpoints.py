@@ -19,6 +19,7 @@ from model import VAE, VAEConfig
 
 CKPT_FILE = "ckpt.pt"
 LOG_FILE = "log.jsonl"
+FRAMES_DIR = "frames"  # train.py --frames: <out-dir>/frames/0001.png, one image an epoch
 CHECKPOINT_KEYS = ("model", "model_config", "train_config", "epoch")
 # The parts of a checkpoint whose tensors carry a checksum: load_checkpoint verifies the model's, train.py's
 # --resume the others, each once it has checked that the part fits.

@@ -55,12 +55,20 @@ def script(main):
 
 
 def positive_int(text):
+    return int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text):
+    return int_at_least(text, 0, "a non-negative integer")
+
+
+def int_at_least(text, least, what):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 

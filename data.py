@@ -230,8 +230,14 @@ def batches(images, batch_size, shuffle=False, pixels="grey", generator=None):
     Each batch is presented (`present`) as it is drawn: a binarized or dequantized image is drawn anew every
     time it is used.
     """
+    for x, _ in labelled_batches(images, None, batch_size, shuffle, pixels, generator):
+        yield x
+
+
+def labelled_batches(images, labels, batch_size, shuffle=False, pixels="grey", generator=None):
+    """batches, with each batch's labels: (x, y), y the labels (B,) of x's very images (None if labels is)."""
     n = images.shape[0]
     order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
     for start in range(0, n, batch_size):
-        x = images[order[start : start + batch_size]] if shuffle else images[start : start + batch_size]
-        yield present(x, pixels, generator)
+        index = order[start : start + batch_size] if shuffle else slice(start, start + batch_size)
+        yield present(images[index], pixels, generator), None if labels is None else labels[index]

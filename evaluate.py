@@ -10,7 +10,10 @@ and, from the posterior means:
   15-NN accuracy  digit classification, with the training images as the reference set (the measure
                   Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs).
 For a model with a 2-D latent also the exact -log p(x), by quadrature over the latent plane (on the first
---exact-images test images: a grid of 201 x 201 decoder passes per image).
+--exact-images test images: a grid of 201 x 201 decoder passes per image). For a conditional model, -log p(x|y)
+(the images' own labels), the marginal -log p(x) = -log (1/10) sum_y p(x|y) from the same estimates, and the
+accuracy of the model as a generative classifier, argmax_y L_k(x|y) (Kingma et al. 2014): k importance samples
+for each of the ten labels.
 """
 
 import argparse
@@ -35,9 +38,11 @@ from scoring import (
     active_units,
     bits_per_dim,
     bits_per_dim_8bit,
+    conditional_scores,
     exact_log_likelihood,
     iwae_nll,
     knn_accuracy,
+    label_log_likelihoods,
     mean_neg_elbo,
     posterior_means,
 )
@@ -90,7 +95,7 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     results = {
         **score(model, test, reference, args.k, args.batch_size, generator),
-        **(score_exactly(model, test[0][: args.exact_images]) if model.config.latent_dim == 2 else {}),
+        **(score_exactly(model, *(t[: args.exact_images] for t in test)) if model.config.latent_dim == 2 else {}),
         "n_images": test[0].shape[0],
         "k": args.k,
         "model_config": state["model_config"],
@@ -108,27 +113,32 @@ def score(model, test, reference, k, batch_size, generator):
     """The measures of the module docstring for the test (images, labels); the k-NN's reference is the
     training (images, labels)."""
     (test_images, test_labels), (train_images, train_labels) = test, reference
-    neg_elbo, recon, kl = mean_neg_elbo(model, test_images)
+    neg_elbo, recon, kl = mean_neg_elbo(model, test_images, labels=test_labels)
     n_batches = math.ceil(test_images.shape[0] / batch_size)
     bar = functools.partial(tqdm, total=n_batches, desc=f"log p(x), k={k}", unit="batch", leave=False)
-    test_nll = iwae_nll(model, test_images, k, batch_size, generator, progress=bar)
-    test_means = posterior_means(model, test_images, batch_size)  # (N, d)
-    train_means = posterior_means(model, train_images, batch_size)  # (60000, d)
+    if model.config.conditional:
+        log_px_y = label_log_likelihoods(model, test_images, k, batch_size, generator, progress=bar)  # (N, 10)
+        likelihoods = {**conditional_scores(log_px_y, test_labels), "classifier_k": k}
+    else:
+        likelihoods = {"test_nll": iwae_nll(model, test_images, k, batch_size, generator, progress=bar)}
+    test_means = posterior_means(model, test_images, batch_size, test_labels)  # (N, d)
+    train_means = posterior_means(model, train_images, batch_size, train_labels)  # (60000, d)
     return {
         "test_neg_elbo": neg_elbo.item(),
         "test_recon": recon.item(),
         "test_kl": kl.item(),
-        "test_nll": test_nll,
-        "bits_per_dim": bits_per_dim(test_nll),
+        **likelihoods,
+        "bits_per_dim": bits_per_dim(likelihoods["test_nll"]),
         "active_units": active_units(test_means),
         "knn_accuracy": knn_accuracy(test_means, test_labels, train_means, train_labels),
     }
 
 
-def score_exactly(model, images):
-    """-log p(x) by quadrature, averaged over `images` (a 2-D model), and how negligible the integrand was at the
-    grids' borders (the smallest distance below the peak, in nats)."""
-    log_px, border_nats = exact_log_likelihood(model, tqdm(images, desc="exact log p(x)", unit="image", leave=False))
+def score_exactly(model, images, labels):
+    """-log p(x) (or -log p(x|y)) by quadrature, averaged over `images` (a 2-D model), and how negligible the
+    integrand was at the grids' borders (the smallest distance below the peak, in nats)."""
+    bar = tqdm(images, desc="exact log p(x)", unit="image", leave=False)
+    log_px, border_nats = exact_log_likelihood(model, bar, labels=labels if model.config.conditional else None)
     return {
         "test_nll_exact": -log_px.mean().item(),
         "exact_n_images": images.shape[0],
@@ -142,10 +152,14 @@ def print_table(checkpoint, r):
         f"  -ELBO            {r['test_neg_elbo']:9.3f} nats/image  "
         f"(recon {r['test_recon']:.3f} + KL {r['test_kl']:.3f})"
     )
-    print(f"  -log p(x)        {r['test_nll']:9.3f} nats/image  (importance sampled, k = {r['k']})")
+    given = "|y)    " if "test_nll_marginal" in r else ")      "
+    print(f"  -log p(x{given}  {r['test_nll']:9.3f} nats/image  (importance sampled, k = {r['k']})")
+    if "test_nll_marginal" in r:
+        print(f"  -log p(x)        {r['test_nll_marginal']:9.3f} nats/image  (-log mean_y p(x|y), same estimates)")
+        print(f"  classifier       {r['classifier_accuracy']:9.4f}  (argmax_y L_k(x|y), k = {r['classifier_k']})")
     if "test_nll_exact" in r:
         print(
-            f"  -log p(x)        {r['test_nll_exact']:9.3f} nats/image  (exact, by quadrature, first "
+            f"  -log p(x{given}  {r['test_nll_exact']:9.3f} nats/image  (exact, by quadrature, first "
             f"{r['exact_n_images']} images; integrand at the grids' borders >= {r['exact_border_nats']:.0f} nats "
             f"below its peak)"
         )

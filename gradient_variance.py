@@ -33,17 +33,18 @@ FIGURE = "gradient_variance.png"
 
 
 def encoder_parameters(model):
-    """The parameters of q(z|x): the encoder's body and its two heads."""
-    return [p for name, p in model.named_parameters() if name.startswith(("encoder.", "to_mu.", "to_logvar."))]
+    """The parameters of q(z|x): the encoder's body (its convolutions and dense layers) and its two heads."""
+    encoder = ("features.", "encoder.", "to_mu.", "to_logvar.")
+    return [p for name, p in model.named_parameters() if name.startswith(encoder)]
 
 
-def encoder_gradients(model, x, draws, objective, k, estimator, generator):
+def encoder_gradients(model, x, draws, objective, k, estimator, generator, y=None):
     """`draws` independent estimates of the gradient of the batch's loss w.r.t. the encoder's parameters:
-    (draws, P), one row per draw, all parameters flattened."""
+    (draws, P), one row per draw, all parameters flattened. y: the batch's labels (a conditional model's)."""
     params = encoder_parameters(model)
     rows = []
     for _ in range(draws):
-        surrogate, _ = model.loss(x, objective, k, estimator, generator=generator)
+        surrogate, _ = model.loss(x, objective, k, estimator, generator=generator, y=y)
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, params)]))
     return torch.stack(rows)
 
@@ -56,14 +57,14 @@ def noise_summary(grads):
     return {"variance": var[alive].mean().item(), "snr": (mean[alive].abs() / var[alive].sqrt()).mean().item()}
 
 
-def measure(model, x, draws, objective, seed):
+def measure(model, x, y, draws, objective, seed):
     """{estimator: {k: noise_summary}} for every estimator and k in KS; the same seed for each cell."""
     table = {}
     for estimator in ESTIMATORS:
         table[estimator] = {}
         for k in KS:
             generator = torch.Generator(device=x.device).manual_seed(seed)
-            grads = encoder_gradients(model, x, draws, objective, k, estimator, generator)
+            grads = encoder_gradients(model, x, draws, objective, k, estimator, generator, y)
             table[estimator][k] = noise_summary(grads)
             cell = table[estimator][k]
             print(f"  {estimator:8s} k={k:3d}  variance {cell['variance']:.3e}  snr {cell['snr']:.3f}")
@@ -123,12 +124,12 @@ def main(argv=None):
     train_config = state["train_config"]
     data_dir = args.data_dir or train_config["data_dir"]
     with output_dir(args.plots_dir, "--plots-dir"):
-        x, _ = load_test_set(data_dir, train_config["pixels"], device, args.images)
+        x, y = load_test_set(data_dir, train_config["pixels"], device, args.images)
         train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
     for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
         print(f"{which} model:")
-        results[which] = measure(m.train(), x, args.draws, args.objective, args.seed)
+        results[which] = measure(m.train(), x, y, args.draws, args.objective, args.seed)
     write_png(figure(results), Path(args.plots_dir) / FIGURE)
     print(f"wrote {Path(args.plots_dir) / FIGURE}")
     write_results(args.json, results)

@@ -17,6 +17,7 @@ from torch import nn
 
 IMAGE_SHAPE = (1, 28, 28)
 N_PIXELS = 28 * 28
+N_CLASSES = 10  # the digits: the labels y of a conditional model
 LOG_2PI = math.log(2 * math.pi)
 
 ARCHS = ("mlp", "conv")
@@ -44,6 +45,9 @@ class VAEConfig:
     )
     activation: str = setting("relu", "the hidden layers' nonlinearity", choices=ACTIVATIONS)
     likelihood: str = setting("bernoulli", "p(x|z): bernoulli, or cb (continuous Bernoulli)", choices=LIKELIHOODS)
+    conditional: bool = setting(
+        False, "condition on the digit: q(z|x, y) and p(x|z, y), the one-hot label beside the image and the code"
+    )
 
     def __post_init__(self):
         # Checkpoints store the config as a plain dict, where tuples become lists.
@@ -174,28 +178,33 @@ def _mlp(sizes, activation):
 
 
 class VAE(nn.Module):
+    """q(z|x) and p(x|z); with config.conditional, q(z|x, y) and p(x|z, y) for integer labels y (B,), the prior
+    staying N(0, I) (the M2 model of Kingma, Rezende, Mohamed & Welling 2014, with every label observed)."""
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}[config.activation]
         hidden, d = config.hidden_dims, config.latent_dim
+        n_labels = N_CLASSES if config.conditional else 0  # the one-hot label, beside the image and the code
         if config.arch == "mlp":
-            self.encoder = nn.Sequential(nn.Flatten(), _mlp((N_PIXELS, *hidden), act))
-            self.decoder = _mlp((d, *reversed(hidden)), act)
+            self.features = nn.Flatten()  # (B, 784)
+            self.encoder = _mlp((N_PIXELS + n_labels, *hidden), act)
+            self.decoder = _mlp((d + n_labels, *reversed(hidden)), act)
             self.to_logits = nn.Linear(hidden[0], N_PIXELS)
         else:
             # Two stride-2 convolutions, 28 -> 14 -> 7, mirrored by transposed convolutions in the decoder.
             features = 64 * 7 * 7
-            self.encoder = nn.Sequential(
+            self.features = nn.Sequential(
                 nn.Conv2d(1, 32, 4, stride=2, padding=1),  # (B, 32, 14, 14)
                 act(),
                 nn.Conv2d(32, 64, 4, stride=2, padding=1),  # (B, 64, 7, 7)
                 act(),
-                nn.Flatten(),
-                _mlp((features, *hidden), act),
+                nn.Flatten(),  # (B, 3136)
             )
+            self.encoder = _mlp((features + n_labels, *hidden), act)
             self.decoder = nn.Sequential(
-                _mlp((d, *reversed(hidden), features), act),
+                _mlp((d + n_labels, *reversed(hidden), features), act),
                 nn.Unflatten(1, (64, 7, 7)),
                 nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),  # (B, 32, 14, 14)
                 act(),
@@ -219,10 +228,23 @@ class VAE(nn.Module):
             p = p.mean()
         self.to_logits.bias.copy_(torch.logit(p).reshape(self.to_logits.bias.shape))
 
-    def encode(self, x):
-        """q(z|x): (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
-        h = self.encoder(x)
+    def encode(self, x, y=None):
+        """q(z|x) (or q(z|x, y)): (B, 1, 28, 28) -> mu, logvar, each (B, latent_dim)."""
+        h = self.encoder(self.with_label(self.features(x), y))  # (B, hidden[-1])
         return self.to_mu(h), self.to_logvar(h)
+
+    def with_label(self, h, y):
+        """h (..., n) with the one-hot label beside it, (..., n + 10), for a conditional model; h itself otherwise.
+
+        y: integer labels broadcastable to h's leading dims, or label weights (..., 10) (a morph between two
+        digits); a conditional model needs them, an unconditional one ignores them.
+        """
+        if not self.config.conditional:
+            return h
+        if y is None:
+            raise ValueError("a conditional VAE needs the labels y of its images")
+        one_hot = y.to(h.dtype) if y.is_floating_point() else F.one_hot(y, N_CLASSES).to(h.dtype)
+        return torch.cat([h, one_hot.expand(*h.shape[:-1], N_CLASSES)], dim=-1)
 
     @staticmethod
     def reparameterize(mu, logvar, generator=None):
@@ -230,30 +252,31 @@ class VAE(nn.Module):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, z):
-        """p(x|z): (..., latent_dim) -> logits (..., 1, 28, 28)."""
+    def decode(self, z, y=None):
+        """p(x|z) (or p(x|z, y)): (..., latent_dim) -> logits (..., 1, 28, 28)."""
         batch_shape = z.shape[:-1]
-        logits = self.to_logits(self.decoder(z.reshape(-1, z.shape[-1])))
+        zy = self.with_label(z, y)  # (..., latent_dim [+ 10])
+        logits = self.to_logits(self.decoder(zy.reshape(-1, zy.shape[-1])))
         return logits.reshape(*batch_shape, *IMAGE_SHAPE)
 
     def mean(self, logits):
         """E[x|z], the image the decoder predicts (not lambda, for the continuous Bernoulli)."""
         return torch.sigmoid(logits) if self.config.likelihood == "bernoulli" else cb_mean(logits)
 
-    def forward(self, x, generator=None):
+    def forward(self, x, generator=None, y=None):
         """One pass with a single reparameterized sample: logits (B, 1, 28, 28), mu, logvar (B, latent_dim)."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         z = self.reparameterize(mu, logvar, generator)
-        return self.decode(z), mu, logvar
+        return self.decode(z, y), mu, logvar
 
-    def elbo_terms(self, x, generator=None):
+    def elbo_terms(self, x, generator=None, y=None):
         """The two terms of the negative ELBO per example, in nats (AEVB eq. (10)):
 
         recon = -log p(x|z) with one z ~ q(z|x), an unbiased estimate of -E_q[log p(x|z)];
         kl    = KL(q(z|x) || p(z)), in closed form.
         Their sum is -ELBO >= -log p(x).
         """
-        logits, mu, logvar = self(x, generator)
+        logits, mu, logvar = self(x, generator, y)
         recon = -log_likelihood(logits, x, self.config.likelihood)  # (B,)
         kl = kl_std_normal(mu, logvar)  # (B,)
         return recon, kl
@@ -262,45 +285,47 @@ class VAE(nn.Module):
         """k reparameterized draws z_i ~ q(z|x) per image: mu, logvar (B, d) -> z (k, B, d)."""
         return self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)
 
-    def log_px_z(self, x, z):
+    def log_px_z(self, x, z, y=None):
         """log p(x|z) for each of k codes per image: x (B, 1, 28, 28), z (k, B, d) -> (k, B)."""
-        logits = self.decode(z)  # (k, B, 1, 28, 28)
+        logits = self.decode(z, y)  # (k, B, 1, 28, 28)
         return log_likelihood(logits, x.expand_as(logits), self.config.likelihood)
 
-    def log_weights(self, x, k, generator=None, posterior=None):
+    def log_weights(self, x, k, generator=None, posterior=None, y=None):
         """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: shape (k, B).
 
         Burda et al. (2016), "Importance Weighted Autoencoders", eq. (8). posterior: (mu, logvar) if the
         encoder has already been run on x.
         """
-        mu, logvar = self.encode(x) if posterior is None else posterior  # (B, d) each
+        mu, logvar = self.encode(x, y) if posterior is None else posterior  # (B, d) each
         z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
-        return log_weight(self.log_px_z(x, z), z, mu, logvar)
+        return log_weight(self.log_px_z(x, z, y), z, mu, logvar)
 
-    def iwae_bound(self, x, k, chunk=None, generator=None):
+    def iwae_bound(self, x, k, chunk=None, generator=None, y=None):
         """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,).
 
         k = 1 is the ELBO; the bound rises with k towards log p(x) (Burda et al., Theorem 1), so with
         large k (5000 in the paper) it is the standard estimate of the test log-likelihood. The k samples
         are decoded `chunk` at a time, so the decoder's memory does not grow with k.
         """
-        posterior = self.encode(x)
+        posterior = self.encode(x, y)
         chunk = chunk or k
-        log_w = [self.log_weights(x, min(chunk, k - start), generator, posterior) for start in range(0, k, chunk)]
+        log_w = [self.log_weights(x, min(chunk, k - start), generator, posterior, y) for start in range(0, k, chunk)]
         return log_mean_exp(torch.cat(log_w))  # (k, B) -> (B,)
 
-    def sample(self, n, generator=None):
-        """n draws z ~ p(z), decoded to logits (n, 1, 28, 28); use .mean(logits) to display them."""
+    def sample(self, n, generator=None, y=None):
+        """n draws z ~ p(z), decoded to logits (n, 1, 28, 28) (with the labels y (n,) for a conditional model);
+        use .mean(logits) to display them."""
         weight = self.to_mu.weight
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
-        return self.decode(z)
+        return self.decode(z, y)
 
     # -----------------------------------------------------------------------------------------
     # Ways of fitting: a surrogate loss whose gradient is the chosen estimator of the objective's
     # -----------------------------------------------------------------------------------------
 
-    def loss(self, x, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None):
-        """The training loss of a batch x (B, 1, 28, 28), with k draws z_i ~ q(z|x) per image.
+    def loss(self, x, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None, y=None):
+        """The training loss of a batch x (B, 1, 28, 28) (and its labels y (B,), for a conditional model), with
+        k draws z_i ~ q(z|x) per image.
 
         objective "elbo": the mean of k one-sample estimates of -ELBO, recon_i + beta * KL (AEVB eq. (10));
                   "iwae": -L_k = -log (1/k) sum_i w_i (Burda et al. 2016, eq. (8)); k = 1 is the ELBO with a
@@ -308,13 +333,14 @@ class VAE(nn.Module):
         estimator "pathwise": gradients flow through z = mu + sigma * eps (the reparameterization trick);
                   "score": z is a constant and the encoder learns through log q(z|x) (score_surrogate).
         Returns the surrogate, a scalar whose gradient is the estimator (its value is the mean negative bound
-        only for "pathwise"), and the negative bound per example (B,), detached, in nats.
+        only for "pathwise"), and the negative bound per example (B,), detached, in nats. beta may be a 0-dim
+        tensor (a KL weight that changes from step to step).
         """
-        mu, logvar = self.encode(x)  # (B, d) each
+        mu, logvar = self.encode(x, y)  # (B, d) each
         z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
         if estimator == "score":
             z = z.detach()  # no path from z back to the encoder: only the decoder learns through log p(x|z)
-        log_px_z = self.log_px_z(x, z)  # (k, B)
+        log_px_z = self.log_px_z(x, z, y)  # (k, B)
         if objective == "elbo":
             f, total = log_px_z, mean_over_samples
             neg_bound = -total(f) + beta * kl_std_normal(mu, logvar)  # (B,); the KL's gradient is exact

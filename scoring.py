@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import ELBO_NOISE_SEED, batches
-from model import N_PIXELS, diag_normal_log_prob, kl_std_normal, std_normal_log_prob
+from data import ELBO_NOISE_SEED, labelled_batches
+from model import N_CLASSES, N_PIXELS, diag_normal_log_prob, kl_std_normal, std_normal_log_prob
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
 N_NEIGHBORS = 15
-N_CLASSES = 10
 # At most this many elements in one block of work (the decoder output (chunk, B, 1, 28, 28) of one chunk of
 # importance samples, or one block of the test-to-training distance matrix), so that memory stays bounded
 # whatever k and the batch size are. On a CPU, 2^22 float32 = 16 MiB: below glibc's 32 MiB mmap threshold, so
@@ -35,32 +34,33 @@ BATCH_SIZE = 500  # test images per batch of the importance-sampled bound
 
 
 @torch.inference_mode()
-def mean_neg_elbo(model, images, batch_size=1000):
+def mean_neg_elbo(model, images, batch_size=1000, labels=None):
     """Mean -ELBO over `images` and its two terms (recon, kl), nats per image, one z per image drawn from
     ELBO_NOISE_SEED: every epoch, run and script scores with the same noise, and never touches the training
-    random stream. Returns 0-dim tensors on the images' device: no host synchronisation here.
+    random stream. Returns 0-dim tensors on the images' device: no host synchronisation here. labels (N,): the
+    images' labels, which a conditional model needs (an unconditional one ignores them), here and below.
     """
     generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
     recon_sum = torch.zeros((), device=images.device)
     kl_sum = torch.zeros((), device=images.device)
-    for x in batches(images, batch_size):
-        recon, kl = model.elbo_terms(x, generator)
+    for x, y in labelled_batches(images, labels, batch_size):
+        recon, kl = model.elbo_terms(x, generator, y)
         recon_sum += recon.sum()
         kl_sum += kl.sum()
     n = images.shape[0]
     return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
 
 
-def mean_neg_iwae_bound(model, images, k, batch_size=BATCH_SIZE):
+def mean_neg_iwae_bound(model, images, k, batch_size=BATCH_SIZE, labels=None):
     """Mean -L_k over `images`, nats per image, with samples drawn from ELBO_NOISE_SEED (a 0-dim tensor)."""
     generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
-    return -log_likelihood_estimates(model, images, k, batch_size, generator).mean()
+    return -log_likelihood_estimates(model, images, k, batch_size, generator, labels=labels).mean()
 
 
 @torch.inference_mode()
-def posterior_means(model, images, batch_size=1000):
+def posterior_means(model, images, batch_size=1000, labels=None):
     """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim), in batches to bound memory."""
-    return torch.cat([model.encode(x)[0] for x in batches(images, batch_size)])
+    return torch.cat([model.encode(x, y)[0] for x, y in labelled_batches(images, labels, batch_size)])
 
 
 def block_elements(device):
@@ -74,23 +74,54 @@ def samples_per_chunk(k, batch_size, device="cpu"):
 
 
 @torch.inference_mode()
-def log_likelihood_estimates(model, images, k, batch_size, generator=None, progress=iter):
+def log_likelihood_estimates(model, images, k, batch_size, generator=None, progress=iter, labels=None):
     """log p^(x) = log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), for every image: (N, 1, 28, 28) -> (N,).
 
-    Burda et al. (2016), eq. (8): a lower bound on log p(x) in expectation, rising to it as k grows.
-    progress wraps the iterator of batches (evaluate.py passes a progress bar).
+    Burda et al. (2016), eq. (8): a lower bound on log p(x) in expectation, rising to it as k grows (for a
+    conditional model, on log p(x|y)). progress wraps the iterator of batches (evaluate.py passes a progress bar).
     """
     chunk = samples_per_chunk(k, batch_size, images.device)
-    return torch.cat([model.iwae_bound(x, k, chunk, generator) for x in progress(batches(images, batch_size))])
+    estimates = [
+        model.iwae_bound(x, k, chunk, generator, y) for x, y in progress(labelled_batches(images, labels, batch_size))
+    ]
+    return torch.cat(estimates)
 
 
-def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=iter):
+def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=iter, labels=None):
     """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image.
 
     The mean is taken in float64 on the CPU: MPS has no float64, and the N estimates are a small copy.
     """
-    estimates = log_likelihood_estimates(model, images, k, batch_size, generator, progress)
+    estimates = log_likelihood_estimates(model, images, k, batch_size, generator, progress, labels)
     return -estimates.cpu().double().mean().item()
+
+
+def label_log_likelihoods(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=iter):
+    """L_k(x|y) of a conditional model for every image and every label y = 0..9: (N, 10), float64 on the CPU.
+
+    From them: log p(x) = log (1/10) sum_y p(x|y) under the uniform label prior, and the model as a generative
+    classifier, argmax_y p(x|y) (Kingma, Rezende, Mohamed & Welling 2014, Section 3.1.2).
+    """
+    n = images.shape[0]
+    columns = []
+    for y in range(N_CLASSES):
+        labels = torch.full((n,), y, dtype=torch.long, device=images.device)
+        columns.append(log_likelihood_estimates(model, images, k, batch_size, generator, progress, labels))
+    return torch.stack(columns, dim=1).cpu().double()
+
+
+def conditional_scores(log_px_y, labels):
+    """From L_k(x|y) (N, 10) and the true labels (N,): the conditional NLL -log p(x|y), the marginal NLL
+    -log (1/10) sum_y p(x|y) from the same estimates (at most log 10 below the conditional one, image by image),
+    and the accuracy of argmax_y L_k(x|y)."""
+    labels = labels.cpu()
+    conditional = log_px_y.gather(1, labels[:, None])[:, 0]  # (N,)
+    marginal = torch.logsumexp(log_px_y, dim=1) - math.log(N_CLASSES)  # (N,)
+    return {
+        "test_nll": -conditional.mean().item(),
+        "test_nll_marginal": -marginal.mean().item(),
+        "classifier_accuracy": (log_px_y.argmax(dim=1) == labels).double().mean().item(),
+    }
 
 
 def active_units(means):
@@ -178,14 +209,16 @@ class PosteriorGrid:
 
 
 @torch.inference_mode()
-def posterior_grid(model, x, points=GRID_POINTS):
+def posterior_grid(model, x, points=GRID_POINTS, y=None):
     """log p(x, z) = log p(x|z) + log p(z) on a points x points grid for one image x (1, 28, 28) of a model with
     a 2-D latent. The grid is centred on the mean of q(z|x) and spans GRID_HALF_WIDTH of its standard
     deviations either way; it doubles its span until the integrand on its border is NEGLIGIBLE_NATS below its
-    peak (at most GRID_DOUBLINGS times; border_nats says how far below it is)."""
+    peak (at most GRID_DOUBLINGS times; border_nats says how far below it is). y: the image's label (a 0-dim
+    tensor), for a conditional model: the integral is then log p(x|y)."""
     if model.config.latent_dim != 2:
         raise ValueError(f"the quadrature is over a 2-D latent; this model's is {model.config.latent_dim}-D")
-    mu, logvar = (t[0].double() for t in model.encode(x[None]))  # (2,) each
+    y = None if y is None else y.reshape(1)
+    mu, logvar = (t[0].double() for t in model.encode(x[None], y))  # (2,) each
     half_width = GRID_HALF_WIDTH * torch.exp(0.5 * logvar)
     for _ in range(GRID_DOUBLINGS + 1):
         z1, z2 = (
@@ -193,7 +226,7 @@ def posterior_grid(model, x, points=GRID_POINTS):
             for m, h in zip(mu, half_width, strict=True)
         )
         z = grid_points(z1, z2)  # (n * n, 2)
-        log_joint = (log_likelihood_at(model, x, z) + std_normal_log_prob(z)).reshape(points, points)
+        log_joint = (log_likelihood_at(model, x, z, y) + std_normal_log_prob(z)).reshape(points, points)
         border = torch.cat([log_joint[[0, -1]].flatten(), log_joint[:, [0, -1]].flatten()]).max()
         border_nats = (log_joint.max() - border).item()
         if border_nats >= NEGLIGIBLE_NATS:
@@ -207,32 +240,34 @@ def grid_points(z1, z2):
     return torch.stack(torch.meshgrid(z1, z2, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
-def log_likelihood_at(model, x, z):
-    """log p(x|z) for one image x (1, 28, 28) at the points z (M, d), in float64, decoded in blocks of
-    block_elements: (M,)."""
+def log_likelihood_at(model, x, z, y=None):
+    """log p(x|z) (or p(x|z, y), y of shape (1,)) for one image x (1, 28, 28) at the points z (M, d), in float64,
+    decoded in blocks of block_elements: (M,)."""
     rows = max(1, block_elements(x.device) // N_PIXELS)
     dtype = next(model.parameters()).dtype
-    return torch.cat([model.log_px_z(x[None], part[:, None].to(dtype))[:, 0].double() for part in z.split(rows)])
+    return torch.cat([model.log_px_z(x[None], part[:, None].to(dtype), y)[:, 0].double() for part in z.split(rows)])
 
 
-def exact_log_likelihood(model, images, points=GRID_POINTS):
+def exact_log_likelihood(model, images, points=GRID_POINTS, labels=None):
     """log p(x) by quadrature (posterior_grid) for every image, and how far below its peak the integrand is on
     each grid's border: two float64 tensors (N,) on the CPU."""
-    grids = [posterior_grid(model, x, points) for x in images]
+    labels = [None] * len(images) if labels is None else labels
+    grids = [posterior_grid(model, x, points, y) for x, y in zip(images, labels, strict=True)]
     return torch.tensor([g.log_px for g in grids], dtype=torch.float64), torch.tensor([g.border_nats for g in grids])
 
 
 @torch.inference_mode()
-def exact_elbo(model, images, nodes=GAUSS_HERMITE_NODES):
+def exact_elbo(model, images, nodes=GAUSS_HERMITE_NODES, labels=None):
     """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) for every image (N, 1, 28, 28) of a 2-D model, with no
     sampling: the expectation by nodes x nodes Gauss-Hermite quadrature under q, the KL in closed form. (N,)"""
     t, w = np.polynomial.hermite.hermgauss(nodes)  # ∫ e^(-t^2) f(t) dt ~ sum_i w_i f(t_i)
     t = torch.tensor(t, device=images.device)
     eps = math.sqrt(2) * torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)  # (nodes^2, 2)
     weights = torch.tensor(np.outer(w, w).reshape(-1) / math.pi, device=images.device)  # (nodes^2,), sum 1
-    mu, logvar = (t.double() for t in model.encode(images))  # (N, 2) each
+    mu, logvar = (t.double() for t in model.encode(images, labels))  # (N, 2) each
+    ys = [None] * len(images) if labels is None else labels[:, None]  # (N, 1)
     expected = [
-        (weights * log_likelihood_at(model, x, m + torch.exp(0.5 * lv) * eps)).sum()
-        for x, m, lv in zip(images, mu, logvar, strict=True)
+        (weights * log_likelihood_at(model, x, m + torch.exp(0.5 * lv) * eps, y)).sum()
+        for x, m, lv, y in zip(images, mu, logvar, ys, strict=True)
     ]
     return torch.stack(expected) - kl_std_normal(mu, logvar)

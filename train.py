@@ -14,9 +14,11 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import (
+    FRAMES_DIR,
     LOG_FILE,
     CheckpointError,
     checkpoint_path,
@@ -24,9 +26,19 @@ from checkpoints import (
     save_checkpoint,
     verify_checksums,
 )
-from cli import add_config_args, add_device_arg, config_from_args, fail, interrupted, pick_device, script
-from data import PIXELS, batches, load_test_set, load_train_set, resolve_pixels
+from cli import (
+    add_config_args,
+    add_device_arg,
+    config_from_args,
+    fail,
+    interrupted,
+    non_negative_int,
+    pick_device,
+    script,
+)
+from data import PIXELS, labelled_batches, load_test_set, load_train_set, resolve_pixels
 from files import PathError, check_output_dir, output_dir, path_advice, path_problem, write_atomic
+from manifold import frame
 from model import ESTIMATORS, OBJECTIVES, VAE, VAEConfig, check_choices, setting
 from scoring import mean_neg_elbo, mean_neg_iwae_bound
 
@@ -62,9 +74,20 @@ class TrainConfig:
         choices=ESTIMATORS,
     )
     beta: float = setting(1.0, "weight of the KL term (1: the ELBO; --objective elbo only)")
+    kl_warmup: int = setting(
+        0,
+        "KL warm-up: the KL term's weight rises linearly, step by step, from 0 to --beta over the first N epochs "
+        "(Sønderby et al. 2016; --objective elbo only); 0: none",
+        type=non_negative_int,
+    )
     seed: int = setting(1, "seeds the run (the scored data and noise have fixed seeds of their own)", type=int)
     limit: int | None = setting(None, "use only the first N training and test images")
     compile: bool = setting(False, "torch.compile the training step (same numbers)", on_resume=True)
+    frames: bool = setting(
+        False,
+        f"keep a frame a epoch in <out-dir>/{FRAMES_DIR}/ (visualize.py makes plots/training.gif)",
+        on_resume=True,
+    )
     data_dir: str = setting("data", "where MNIST/raw/ is", on_resume=True)
     out_dir: str = setting("out", "where ckpt.pt and log.jsonl go", on_resume=True)
 
@@ -72,6 +95,8 @@ class TrainConfig:
         check_choices(self)
         if self.objective == "iwae" and self.beta != 1:
             raise ValueError(f"--beta {self.beta:g} weighs the ELBO's KL term; L_k has none (use --objective elbo)")
+        if self.objective == "iwae" and self.kl_warmup:
+            raise ValueError("--kl-warmup ramps the ELBO's KL term; L_k has none (use --objective elbo)")
 
 
 RESUMABLE = [f.name for f in fields(TrainConfig) if f.metadata.get("on_resume")]
@@ -85,7 +110,9 @@ class Run:
     model: VAE
     optimizer: torch.optim.Optimizer
     train_images: torch.Tensor  # (N, 1, 28, 28), grey levels; each batch is presented anew
+    train_labels: torch.Tensor  # (N,), the digits (a conditional model's y)
     test_images: torch.Tensor  # (M, 1, 28, 28), presented once with a fixed seed
+    test_labels: torch.Tensor  # (M,)
     epoch: int
     device: torch.device
 
@@ -96,6 +123,10 @@ class Run:
     @property
     def log_path(self):
         return self.ckpt_path.with_name(LOG_FILE)
+
+    @property
+    def frames_dir(self):
+        return self.ckpt_path.with_name(FRAMES_DIR)
 
     def kept(self):
         """What is on disk, for a message about a stop."""
@@ -171,10 +202,10 @@ def start_run(model_config, config, device, overwrite=False):
     config = replace(config, pixels=resolve_pixels(config.pixels, model_config.likelihood))  # saved as it is meant
     with output_dir(config.out_dir, "--out-dir"):  # checked before the data: a typo costs a second, not an epoch
         torch.manual_seed(config.seed)
-        train_images, test_images = load_data(config, device)
+        data = load_data(config, device)
     model = VAE(model_config).to(device)
-    model.init_output_bias(train_images.mean(0))
-    run = Run(config, model, make_optimizer(model, config), train_images, test_images, 0, device)
+    model.init_output_bias(data[0].mean(0))
+    run = Run(config, model, make_optimizer(model, config), *data, 0, device)
     try:  # --overwrite: the old run goes now, checkpoint and log
         run.ckpt_path.unlink(missing_ok=True)
         run.log_path.unlink(missing_ok=True)
@@ -213,19 +244,24 @@ def resume_run(out_dir, device, settings=None):
         ) from e
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}") from e
-    train_images, test_images = load_data(config, device)  # last: whatever is wrong above costs no loading time
-    run = Run(config, model, optimizer, train_images, test_images, epoch, device)
+    data = load_data(config, device)  # last: whatever is wrong above costs no loading time
+    run = Run(config, model, optimizer, *data, epoch, device)
     try:
         keep_log_until(run.log_path, epoch)
+        for frame in run.frames_dir.glob("*.png"):  # a frame past the checkpoint's epoch is made anew, as its line
+            if int(frame.stem) > epoch:
+                frame.unlink()
     except OSError as e:  # rewriting the log, e.g. on a disk that just filled up
         raise path_problem("--out-dir", out_dir, e) from e
     return run
 
 
 def load_data(config, device):
-    train_images, _ = load_train_set(config.data_dir, device, config.limit)
-    test_images, _ = load_test_set(config.data_dir, config.pixels, device, config.limit)
-    return train_images, test_images
+    """train images, train labels, test images, test labels, as Run holds them."""
+    return (
+        *load_train_set(config.data_dir, device, config.limit),
+        *load_test_set(config.data_dir, config.pixels, device, config.limit),
+    )
 
 
 def make_optimizer(model, config):
@@ -267,10 +303,11 @@ def fit(run):
 
 
 def make_train_step(model, optimizer, config):
-    """One optimisation step on a batch; returns the loss as a device tensor (no host synchronisation)."""
+    """One optimisation step on a batch x and its labels y, with the KL term's weight kl_weight (a 0-dim tensor);
+    returns the loss as a device tensor (no host synchronisation)."""
 
-    def step(x):
-        surrogate, neg_bound = model.loss(x, config.objective, config.k, config.estimator, config.beta)
+    def step(x, y, kl_weight):
+        surrogate, neg_bound = model.loss(x, config.objective, config.k, config.estimator, kl_weight, y=y)
         optimizer.zero_grad(set_to_none=True)
         surrogate.backward()
         optimizer.step()
@@ -284,6 +321,17 @@ def make_train_step(model, optimizer, config):
     return torch.compile(step, dynamic=False)  # static shapes: the last, smaller batch gets its own graph
 
 
+def kl_weights(config, epoch, n_steps):
+    """The KL term's weight at each of the n_steps steps of epoch (1-based), (n_steps,): --beta, or with
+    --kl-warmup N, beta * t / (N n_steps) at the run's t-th step, rising linearly to beta by the end of epoch N
+    (Sønderby et al. 2016; Bowman et al. 2016). A function of the step alone, so that a resumed run goes on
+    where it stopped."""
+    if not config.kl_warmup:
+        return torch.full((n_steps,), config.beta)
+    t = (epoch - 1) * n_steps + torch.arange(1, n_steps + 1, dtype=torch.float64)  # the run's steps
+    return (config.beta * torch.clamp(t / (config.kl_warmup * n_steps), max=1.0)).float()
+
+
 def run_epoch(run, step, epoch):
     """One epoch of training and its test pass; returns the epoch's log record."""
     config, model = run.config, run.model
@@ -291,11 +339,14 @@ def run_epoch(run, step, epoch):
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(config, epoch)
     n_steps = math.ceil(run.train_images.shape[0] / config.batch_size)
+    weights = kl_weights(config, epoch, n_steps).to(run.device)
     with tqdm(total=n_steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="step") as bar:
         model.train()
-        train_loss = train_epoch(step, run.train_images, config.batch_size, config.pixels, bar)
+        train_loss = train_epoch(
+            step, run.train_images, run.train_labels, config.batch_size, config.pixels, weights, bar
+        )
     model.eval()
-    test_loss, test_recon, test_kl = mean_neg_elbo(model, run.test_images)
+    test_loss, test_recon, test_kl = mean_neg_elbo(model, run.test_images, labels=run.test_labels)
     record = {
         "epoch": epoch,
         "train_bound": bound_name(config),
@@ -305,15 +356,19 @@ def run_epoch(run, step, epoch):
         "test_kl": test_kl.item(),
     }
     if config.objective == "iwae":  # the bound it trains, on the test set too
-        record[f"test_neg_l{config.k}"] = mean_neg_iwae_bound(model, run.test_images, config.k).item()
+        bound = mean_neg_iwae_bound(model, run.test_images, config.k, labels=run.test_labels)
+        record[f"test_neg_l{config.k}"] = bound.item()
     if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
         raise NonFiniteLoss(None)
+    if config.objective == "elbo":
+        record["kl_weight"] = weights[-1].item()
     record.update(lr=run.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
     return record
 
 
-def train_epoch(step, images, batch_size, pixels, progress=None, check_every=50):
-    """One pass over the shuffled training images; returns the mean training loss (nats per image).
+def train_epoch(step, images, labels, batch_size, pixels, kl_weights, progress=None, check_every=50):
+    """One pass over the shuffled training images (and their labels, which travel with them); returns the mean
+    training loss (nats per image). kl_weights: the KL weight of each step (n_steps,), on the device.
 
     Each step's loss is written into a tensor on the device; it is read back only every `check_every`
     steps, to stop at the first non-finite loss (NonFiniteLoss(step)) without a host synchronisation
@@ -323,8 +378,8 @@ def train_epoch(step, images, batch_size, pixels, progress=None, check_every=50)
     n_steps = math.ceil(n / batch_size)
     losses = torch.empty(n_steps, device=images.device)
     checked = 0
-    for i, x in enumerate(batches(images, batch_size, shuffle=True, pixels=pixels)):
-        losses[i] = step(x)
+    for i, (x, y) in enumerate(labelled_batches(images, labels, batch_size, shuffle=True, pixels=pixels)):
+        losses[i] = step(x, y, kl_weights[i])
         if (i + 1) % check_every == 0 or i + 1 == n_steps:
             finite = torch.isfinite(losses[checked : i + 1])
             if not finite.all():
@@ -355,6 +410,8 @@ def save_epoch(run, record):
         "optimizer": run.optimizer.state_dict(),
         "rng": rng_state(run.device),
     }
+    if run.config.frames:  # before the checkpoint, as the log line: a resume drops what is past its epoch
+        save_frame(run, record["epoch"])
     save_checkpoint(run.ckpt_path, state)
     run.epoch = record["epoch"]
     test = f"test {record['test_loss']:8.3f} (recon {record['test_recon']:8.3f} + kl {record['test_kl']:6.3f})"
@@ -362,6 +419,13 @@ def save_epoch(run, record):
         f"epoch {run.epoch:4d}/{run.config.epochs}  train {record['train_bound']} {record['train_loss']:8.3f}  "
         f"{test}  {record['seconds']:6.1f} s"
     )
+
+
+def save_frame(run, epoch):
+    """The epoch's frame of the training film (manifold.frame) as <out-dir>/frames/<epoch>.png, 8-bit grey."""
+    run.frames_dir.mkdir(exist_ok=True)
+    image = Image.fromarray(frame(run.model, run.test_images))
+    write_atomic(run.frames_dir / f"{epoch:04d}.png", lambda f: image.save(f, format="PNG"))
 
 
 def rng_state(device):

@@ -1,6 +1,8 @@
 """Figures of a trained VAE: `python visualize.py` (see --help). Writes PNGs into --plots-dir.
 
-Default: latent_scatter.png, manifold_20x20.png, reconstructions.png, samples.png, training_curves.png.
+Default: latent_scatter.png, manifold_20x20.png, reconstructions.png, samples.png, interpolation.png,
+training_curves.png, and training.gif if the run kept frames (train.py --frames). A conditional model gets
+class_grid.png and analogies.png in place of the manifold.
 --compare BERNOULLI_CKPT CB_CKPT: one figure, compare_bernoulli_cb.png, that sets a Bernoulli decoder beside a
 continuous-Bernoulli one, and shows why a CB decoder's images are displayed as its mean, not as lambda
 (Loaiza-Ganem & Cunningham 2019).
@@ -20,16 +22,22 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw
 
-from checkpoints import LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
+from checkpoints import FRAMES_DIR, LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
 from cli import add_device_arg, pick_device, script
-from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
-from files import check_output_dir, output_dir, write_png
+from data import load_mnist, load_test_set
+from files import check_output_dir, output_dir, write_atomic, write_png
+from manifold import MANIFOLD_SIDE, class_grid_images, decode_means, latent_plane, manifold_images, prior_z, tile
+from model import N_CLASSES
 from scoring import posterior_means
 
-MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 N_RECONSTRUCTIONS = 10
 SAMPLES_SIDE = 10
+N_PAIRS, STEPS = 5, 10  # the interpolation: pairs of test images of different digits, steps between them
+N_ANALOGIES = 8  # test images whose style the analogies carry through every digit
+FRAME_MS, LAST_FRAME_MS = 250, 2000  # the training film
+FILM_GREY_LEVELS = 32  # of 256: a GIF of 30 such frames is about 2 MB, not 5
 COMPARE_FILE = "compare_bernoulli_cb.png"
 WAYS_FILE = "ways_of_fitting.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
@@ -37,88 +45,6 @@ LOG_KEYS = {"epoch", "train_bound", "train_loss", "test_loss", "test_kl"}  # of 
 
 
 # --------------------------------------------------------------------------------------------- latent geometry
-
-
-def grid_quantiles(side):
-    """side evenly spaced probabilities strictly inside (0, 1): (i + 0.5) / side, i = 0..side-1.
-
-    Kingma & Welling (2014), Fig. 4: evenly spaced points of the unit square, mapped through the inverse
-    Gaussian CDF; the half-step offset keeps 0 and 1 (z = -inf and +inf) out of the grid.
-    """
-    return (torch.arange(side, dtype=torch.float32) + 0.5) / side
-
-
-def manifold_grid(side):
-    """(side, side, 2) points in standard-normal coordinates, laid out as the image will be.
-
-    Column c holds the c-th quantile in the first coordinate; row r the (side-1-r)-th in the second, so the
-    second coordinate grows upwards, as in the latent scatter plot.
-    """
-    a = torch.distributions.Normal(0.0, 1.0).icdf(grid_quantiles(side))  # (side,)
-    first, second = torch.meshgrid(a, a.flip(0), indexing="xy")  # each (side, side): [row, column]
-    return torch.stack([first, second], dim=-1)  # (side, side, 2)
-
-
-def principal_plane(mu):
-    """The plane of the two leading principal directions of the posterior means mu (N, d), d >= 2.
-
-    Returns center (d,), directions (2, d) with orthonormal rows, and scales (2,): the standard deviation of
-    mu along each direction. PCA by SVD of the centred means; each direction's sign is fixed (largest
-    component positive) so that the figures do not flip between runs or devices.
-    """
-    center = mu.mean(0)  # (d,)
-    _, s, vh = torch.linalg.svd(mu - center, full_matrices=False)  # vh: (min(N, d), d)
-    directions = vh[:2]  # (2, d)
-    largest = directions.gather(1, directions.abs().argmax(1, keepdim=True))  # (2, 1)
-    directions = directions * largest.sign()
-    scales = s[:2] / (mu.shape[0] - 1) ** 0.5  # (2,)
-    return center, directions, scales
-
-
-def latent_plane(mu):
-    """Where the 2-D figures live: (center, directions, scales), z = center + (coords * scales) @ directions.
-
-    With latent_dim = 2 this is the latent space itself, in prior units (center 0, scales 1), as in the
-    paper. Above 2 it is the principal plane of the test posterior means, and the grid's Gaussian quantiles
-    are scaled by the means' spread along each direction: the aggregate posterior need not have unit
-    variance there, and this keeps the grid on the region the data actually occupies.
-    """
-    d = mu.shape[1]
-    if d == 2:
-        return torch.zeros(2, device=mu.device), torch.eye(2, device=mu.device), torch.ones(2, device=mu.device)
-    return principal_plane(mu)
-
-
-# --------------------------------------------------------------------------------------------- model passes
-
-
-@torch.inference_mode()
-def decode_means(model, z):
-    """E[x|z] for each z: (..., d) -> (..., 1, 28, 28)."""
-    return model.mean(model.decode(z))
-
-
-@torch.inference_mode()
-def reconstruct(model, x):
-    """decode(mu): the reconstruction at the posterior mean; returns the logits (B, 1, 28, 28)."""
-    mu, _ = model.encode(x)
-    return model.decode(mu)
-
-
-def prior_z(n, latent_dim, device):
-    """n draws z ~ N(0, I) from PRIOR_SAMPLE_SEED: the same z for every model of this latent_dim."""
-    generator = torch.Generator(device=device).manual_seed(PRIOR_SAMPLE_SEED)
-    return torch.randn(n, latent_dim, generator=generator, device=device)
-
-
-# --------------------------------------------------------------------------------------------- drawing
-
-
-def tile(images, rows, cols):
-    """(rows * cols, 1, 28, 28) images, row-major -> one (rows * 28, cols * 28) array, tiles touching."""
-    h, w = images.shape[-2:]
-    grid = images.reshape(rows, cols, h, w).permute(0, 2, 1, 3)  # (rows, 28, cols, 28)
-    return grid.reshape(rows * h, cols * w).float().cpu().numpy()
 
 
 def show_image(ax, array, title):
@@ -139,6 +65,13 @@ def show_rows(ax, rows, labels, title):
 def save(fig, path):
     write_png(fig, path)
     print(f"wrote {path}")
+
+
+@torch.inference_mode()
+def reconstruct(model, x, y=None):
+    """decode(mu): the reconstruction at the posterior mean; returns the logits (B, 1, 28, 28)."""
+    mu, _ = model.encode(x, y)
+    return model.decode(mu, y)
 
 
 # --------------------------------------------------------------------------------------------- the five figures
@@ -169,10 +102,7 @@ def latent_scatter_figure(mu, labels, plane):
 
 
 def manifold_figure(model, plane):
-    center, directions, scales = plane
-    coords = manifold_grid(MANIFOLD_SIDE).to(center.device)  # (20, 20, 2), standard-normal quantiles
-    z = center + (coords * scales) @ directions  # (20, 20, d)
-    images = decode_means(model, z.reshape(-1, z.shape[-1]))  # (400, 1, 28, 28)
+    images = manifold_images(model, plane)  # (400, 1, 28, 28)
     d = model.config.latent_dim
     where = (
         "$z$ on a grid of Gaussian quantiles"
@@ -189,9 +119,9 @@ def manifold_figure(model, plane):
     return fig
 
 
-def reconstructions_figure(model, images):
+def reconstructions_figure(model, images, labels=None):
     x = images[:N_RECONSTRUCTIONS]  # (n, 1, 28, 28)
-    recon = model.mean(reconstruct(model, x))
+    recon = model.mean(reconstruct(model, x, None if labels is None else labels[:N_RECONSTRUCTIONS]))
     fig = Figure(figsize=(8, 2.2))
     ax = fig.subplots()
     show_rows(ax, [x, recon], ["test", "recon"], "Test images and their reconstructions E[x | z = mu(x)]")
@@ -200,12 +130,105 @@ def reconstructions_figure(model, images):
 
 
 def samples_figure(model):
-    z = prior_z(SAMPLES_SIDE**2, model.config.latent_dim, next(model.parameters()).device)
+    """E[x|z] at z ~ p(z); for a conditional model, row r shows the digit r."""
+    device = next(model.parameters()).device
+    z = prior_z(SAMPLES_SIDE**2, model.config.latent_dim, device)
+    y = torch.arange(SAMPLES_SIDE**2, device=device) // SAMPLES_SIDE if model.config.conditional else None
     fig = Figure(figsize=(6, 6.3))
     ax = fig.subplots()
-    show_image(ax, tile(decode_means(model, z), SAMPLES_SIDE, SAMPLES_SIDE), "Samples: E[x|z], z ~ N(0, I)")
+    title = (
+        "Samples: E[x|z, y], z ~ N(0, I), row r the digit y = r" if y is not None else "Samples: E[x|z], z ~ N(0, I)"
+    )
+    show_image(ax, tile(decode_means(model, z, y), SAMPLES_SIDE, SAMPLES_SIDE), title)
     fig.tight_layout()
     return fig
+
+
+def pairs_of_different_digits(labels, n=N_PAIRS):
+    """n pairs (i, j) of test images, in order, i's digit different from j's: each i the next unused image, j the
+    first image after it of another digit."""
+    labels, pairs, i = labels.tolist(), [], 0
+    while len(pairs) < n:
+        j = next(j for j in range(i + 1, len(labels)) if labels[j] != labels[i])
+        pairs.append((i, j))
+        i = j + 1
+    return pairs
+
+
+@torch.inference_mode()
+def interpolation_figure(model, images, labels):
+    """For pairs of test images of different digits, STEPS points on the straight line between their posterior
+    means, decoded. A conditional model gets two rows a pair: code and label morphed together (the label as
+    weights (1 - t) y_a + t y_b on the two one-hot vectors), and the label alone, with the code held at x_a's."""
+    t = torch.linspace(0, 1, STEPS, device=images.device)[:, None]  # (STEPS, 1)
+    rows, names = [], []
+    for i, j in pairs_of_different_digits(labels):
+        x, y = images[[i, j]], labels[[i, j]]
+        mu, _ = model.encode(x, y)  # (2, d)
+        z = (1 - t) * mu[0] + t * mu[1]  # (STEPS, d)
+        a, b = y.tolist()
+        if model.config.conditional:
+            one_hot = torch.nn.functional.one_hot(y, N_CLASSES).to(t.dtype)  # (2, 10)
+            weights = (1 - t) * one_hot[0] + t * one_hot[1]  # (STEPS, 10)
+            rows += [decode_means(model, z, weights), decode_means(model, mu[:1].expand(STEPS, -1), weights)]
+            names += [f"z, y: {a} → {b}", f"y: {a} → {b}"]
+        else:
+            rows.append(decode_means(model, z))
+            names.append(f"{a} → {b}")
+    fig = Figure(figsize=(8, 0.75 * len(rows) + 0.8))
+    ax = fig.subplots()
+    kind = "codes and labels" if model.config.conditional else "posterior means"
+    show_rows(ax, rows, names, f"Interpolation: E[x|z] along the straight line between two {kind}")
+    fig.tight_layout()
+    return fig
+
+
+@torch.inference_mode()
+def analogies_figure(model, images, labels):
+    """Kingma, Rezende, Mohamed & Welling (2014), Fig. 1: each test image's code mu(x, y), decoded with every
+    label 0-9: the writer's style, carried through the ten digits."""
+    x, y = images[:N_ANALOGIES], labels[:N_ANALOGIES]
+    mu, _ = model.encode(x, y)  # (n, d)
+    digits = torch.arange(N_CLASSES, device=x.device)
+    rows = [torch.cat([x[i : i + 1], decode_means(model, mu[i].expand(N_CLASSES, -1), digits)]) for i in range(len(x))]
+    fig = Figure(figsize=(7, 0.62 * len(rows) + 0.8))
+    ax = fig.subplots()
+    show_rows(ax, rows, [f"test: {d}" for d in y.tolist()], "Analogies: mu(x, y) decoded with y = 0 … 9")
+    ax.set_xticks([28 * c + 14 for c in range(N_CLASSES + 1)], ["x", *map(str, range(N_CLASSES))])
+    ax.tick_params(bottom=False)
+    fig.tight_layout()
+    return fig
+
+
+def class_grid_figure(model):
+    """Rows the ten digits, columns ten shared z ~ p(z): E[x|z, y] of a conditional model."""
+    fig = Figure(figsize=(6, 6.3))
+    ax = fig.subplots()
+    show_rows(
+        ax,
+        list(class_grid_images(model).split(N_CLASSES)),
+        [str(d) for d in range(N_CLASSES)],
+        "Class grid: E[x|z, y], row y, column one z ~ N(0, I)",
+    )
+    fig.tight_layout()
+    return fig
+
+
+def write_film(frames_dir, path):
+    """The frames train.py --frames kept, epoch by epoch, as an animated GIF (Pillow), each with its epoch."""
+    levels = [round(v * (FILM_GREY_LEVELS - 1) / 255) * 255 // (FILM_GREY_LEVELS - 1) for v in range(256)]
+    film = []
+    for frame_path in sorted(frames_dir.glob("*.png")):
+        with Image.open(frame_path) as frame:
+            canvas = Image.new("L", (frame.width, frame.height + 24), 0)
+            canvas.paste(frame.convert("L").point(levels), (0, 24))
+        ImageDraw.Draw(canvas).text((6, 5), f"epoch {int(frame_path.stem)}", fill=255)
+        film.append(canvas)
+    durations = [FRAME_MS] * (len(film) - 1) + [LAST_FRAME_MS]
+    write_atomic(
+        path, lambda f: film[0].save(f, format="GIF", save_all=True, append_images=film[1:], duration=durations, loop=0)
+    )
+    print(f"wrote {path} ({len(film)} frames)")
 
 
 def read_log(log_path):
@@ -246,9 +269,10 @@ def training_curves_figure(records):
 # --------------------------------------------------------------------------------------------- --compare
 
 
-def model_inputs(state, model, data_dir, n, device):
-    """The first n test images as this model was scored on them (a Bernoulli model's usually binarized)."""
-    return load_test_set(data_dir, state["train_config"]["pixels"], device, limit=n)[0]
+def model_inputs(state, data_dir, n, device):
+    """The first n test images as this model was scored on them (a Bernoulli model's usually binarized), and
+    their labels."""
+    return load_test_set(data_dir, state["train_config"]["pixels"], device, limit=n)
 
 
 @torch.inference_mode()
@@ -259,12 +283,13 @@ def compare_figure(bernoulli, cb, data_dirs, device):
     eq. (4)), so images shown as lambda look sharper than what the model actually predicts.
     """
     n = N_RECONSTRUCTIONS
-    (_, bernoulli_model), (_, cb_model) = bernoulli, cb
-    originals, _ = load_mnist(data_dirs[0], train=False, limit=n)  # (n, 1, 28, 28), grayscale
-    bernoulli_recon = reconstruct(bernoulli_model, model_inputs(*bernoulli, data_dirs[0], n, device))  # logits
-    cb_recon = reconstruct(cb_model, model_inputs(*cb, data_dirs[1], n, device))  # logits
-    bernoulli_prior = bernoulli_model.decode(prior_z(n, bernoulli_model.config.latent_dim, device))
-    cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device))  # one z for both CB rows
+    (bernoulli_state, bernoulli_model), (cb_state, cb_model) = bernoulli, cb
+    originals, labels = load_mnist(data_dirs[0], train=False, limit=n)  # (n, 1, 28, 28), grayscale
+    labels = labels.to(device)  # for conditional models: the first n test digits
+    bernoulli_recon = reconstruct(bernoulli_model, *model_inputs(bernoulli_state, data_dirs[0], n, device))
+    cb_recon = reconstruct(cb_model, *model_inputs(cb_state, data_dirs[1], n, device))  # logits
+    bernoulli_prior = bernoulli_model.decode(prior_z(n, bernoulli_model.config.latent_dim, device), labels)
+    cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device), labels)  # one z for both CB rows
 
     fig = Figure(figsize=(8, 6.5))
     recon_ax, sample_ax = fig.subplots(2, 1, height_ratios=[4, 3])
@@ -364,22 +389,30 @@ def build_parser():
     return p
 
 
-def plot_all(state, model, data_dir, log_path, device, plots_dir):
-    """The five figures of one model; the training curves only if its training log is there."""
+def plot_all(state, model, data_dir, run_dir, device, plots_dir):
+    """The figures of one model; the training curves and the film only if its run folder has the log and the
+    frames."""
     # The test set exactly as training scored it (same pixels), but all of it: --limit is for training.
     images, labels = load_test_set(data_dir, state["train_config"]["pixels"], device, limit=None)
     if model.config.latent_dim >= 2:
-        mu = posterior_means(model, images)  # (N, d)
+        mu = posterior_means(model, images, labels=labels)  # (N, d)
         plane = latent_plane(mu)
         save(latent_scatter_figure(mu, labels, plane), plots_dir / "latent_scatter.png")
-        save(manifold_figure(model, plane), plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
+        if not model.config.conditional:
+            save(manifold_figure(model, plane), plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
     else:
         print("latent_dim is 1: skipping the latent scatter and the manifold, which need a 2-D plane")
-    save(reconstructions_figure(model, images), plots_dir / "reconstructions.png")
+    save(reconstructions_figure(model, images, labels), plots_dir / "reconstructions.png")
     save(samples_figure(model), plots_dir / "samples.png")
-    records = read_log(log_path)
+    save(interpolation_figure(model, images, labels), plots_dir / "interpolation.png")
+    if model.config.conditional:
+        save(class_grid_figure(model), plots_dir / "class_grid.png")
+        save(analogies_figure(model, images, labels), plots_dir / "analogies.png")
+    records = read_log(run_dir / LOG_FILE)
     if records is not None:
         save(training_curves_figure(records), plots_dir / "training_curves.png")
+    if any((run_dir / FRAMES_DIR).glob("*.png")):
+        write_film(run_dir / FRAMES_DIR, plots_dir / "training.gif")
 
 
 @script
@@ -401,7 +434,7 @@ def main(argv=None):
         state, model = load_checkpoint(args.checkpoint, device)
         data_dir = args.data_dir or state["train_config"]["data_dir"]
         with output_dir(plots_dir, "--plots-dir"):
-            plot_all(state, model, data_dir, Path(args.checkpoint).with_name(LOG_FILE), device, plots_dir)
+            plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""The label-conditioned VAE (q(z|x, y), p(x|z, y), p(z) = N(0, I)), KL warm-up and the training film.
+
+The conditional densities against torch.distributions for a fixed label; labels travelling with their images
+through shuffling and into the loss; the generative classifier against a model whose decoder ignores z, where
+it is exact; the identity between the conditional and the marginal NLL; the warm-up's weight, step by step,
+and a resumed warm-up; the frames of the film, dropped past a resumed epoch; and the conditional figures.
+"""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, Normal
+
+import evaluate
+import scoring
+import train
+import visualize
+from checkpoints import load_checkpoint
+from data import labelled_batches, load_train_set
+from manifold import class_grid_images, prior_z
+from model import VAE, VAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--limit", "256", "--batch-size", "64", "--hidden-dims", "32", "--latent-dim", "2", "--device", "cpu"]
+F64 = torch.float64
+
+
+def conditional_vae(arch="mlp", seed=0, latent_dim=3):
+    torch.manual_seed(seed)
+    config = VAEConfig(latent_dim=latent_dim, arch=arch, hidden_dims=(16,), conditional=True)
+    return VAE(config).double().eval()
+
+
+def images(n, seed=1):
+    return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3, dtype=F64), generator=torch.Generator().manual_seed(seed))
+
+
+def run_train(tmp_path, data_dir, name, *flags):
+    out = tmp_path / name
+    train.main([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out)])
+    return out
+
+
+def log_records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@torch.no_grad()
+def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(arch):
+    """log w = log p(x|z, y) + log p(z) - log q(z|x, y) with the one-hot label y beside the image and the code."""
+    vae, x, k = conditional_vae(arch), images(3), 4
+    y = torch.tensor([7, 7, 7])
+    log_w = vae.log_weights(x, k, torch.Generator().manual_seed(0), y=y)
+    mu, logvar = vae.encode(x, y)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(
+        (k, *mu.shape), generator=torch.Generator().manual_seed(0), dtype=F64
+    )
+    one_hot = torch.nn.functional.one_hot(y, 10).to(F64)
+    hidden = vae.decoder(torch.cat([z, one_hot.expand(k, -1, -1)], -1).reshape(k * 3, -1))  # the label, concatenated
+    logits = vae.to_logits(hidden).reshape(k, 3, 1, 28, 28)
+    reference = (
+        Independent(Bernoulli(logits=logits), 3).log_prob(x)
+        + Independent(Normal(torch.zeros_like(z), 1.0), 1).log_prob(z)
+        - Independent(Normal(mu, torch.exp(0.5 * logvar)), 1).log_prob(z)
+    )
+    torch.testing.assert_close(log_w, reference, rtol=1e-10, atol=1e-8)
+    # the label matters, in the encoder and the decoder
+    assert not torch.allclose(vae.encode(x, torch.tensor([1, 1, 1]))[0], mu)
+    assert not torch.allclose(vae.decode(z, torch.tensor([1, 1, 1])), vae.decode(z, y))
+    with pytest.raises(ValueError, match="needs the labels"):
+        vae.encode(x)
+
+
+def test_a_label_morph_at_its_ends_is_the_label():
+    vae, z = conditional_vae(), torch.randn(4, 3, dtype=F64)
+    y = torch.tensor([2, 5, 5, 9])
+    weights = torch.nn.functional.one_hot(y, 10).to(F64)
+    torch.testing.assert_close(vae.decode(z, weights), vae.decode(z, y), rtol=0, atol=0)
+
+
+def test_an_unconditional_model_ignores_labels():
+    torch.manual_seed(0)
+    vae, x = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,))).double(), images(2)
+    assert torch.equal(vae.encode(x)[0], vae.encode(x, torch.tensor([3, 4]))[0])
+
+
+# --------------------------------------------------------------------------------------------- labels and images
+
+
+def test_labels_travel_with_their_images_through_shuffling():
+    """Each image carries its index in its first pixels; its label is a function of that index."""
+    n = 103
+    index = torch.arange(n, dtype=torch.float32)
+    grey = torch.zeros(n, 1, 28, 28)
+    grey[:, 0, 0, 0] = index / 255
+    labels = (index.long() * 7) % 10
+    seen = torch.zeros(n, dtype=torch.long)
+    for x, y in labelled_batches(grey, labels, 16, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        ids = torch.round(x[:, 0, 0, 0] * 255).long()
+        assert torch.equal(y, labels[ids])
+        seen[ids] += 1
+    assert (seen == 1).all()
+
+
+def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, data_dir, monkeypatch):
+    """A conditional run: every batch VAE.loss sees comes with the labels of its very images (found by matching
+    each presented image against the training set it was drawn from)."""
+    seen = []
+    real_loss = VAE.loss
+
+    def loss(self, x, *args, y=None, **kwargs):
+        seen.append((x.detach().clone(), y.clone()))
+        return real_loss(self, x, *args, y=y, **kwargs)
+
+    monkeypatch.setattr(VAE, "loss", loss)
+    run_train(tmp_path, data_dir, "run", "--conditional", "--pixels", "grey", "--epochs", "1")
+    grey, labels = load_train_set(data_dir, "cpu", 256)
+    flat = grey.flatten(1)
+    for x, y in seen:
+        match = (x.flatten(1)[:, None, :] == flat[None]).all(-1)  # (B, 256): which training image each is
+        assert (match.sum(1) >= 1).all()
+        assert torch.equal(y, labels[match.float().argmax(1)])
+    assert sum(len(y) for _, y in seen) == 256
+
+
+# --------------------------------------------------------------------------------------------- the classifier
+
+
+@torch.no_grad()
+def test_the_generative_classifier_on_a_model_whose_decoder_ignores_z():
+    """With q(z|x, y) = p(z) and p(x|z, y) = p(x|y), every importance weight is p(x|y): L_k(x|y) = log p(x|y)
+    exactly, and argmax_y L_k(x|y) is the label whose template explains x best."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(10,), conditional=True)).double().eval()
+    templates = torch.randn(10, 784, dtype=F64) * 2  # each digit's logits
+    for p in vae.parameters():
+        p.zero_()  # the encoder: mu = logvar = 0, q = N(0, I) = p(z)
+    vae.decoder[0].weight[:, 2:] = torch.eye(10, dtype=F64)  # the hidden layer is the one-hot label: z ignored
+    vae.to_logits.weight.copy_(templates.T)  # logits = templates[y]
+    truth = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    x = torch.bernoulli(
+        torch.sigmoid(templates[truth]).reshape(-1, 1, 28, 28), generator=torch.Generator().manual_seed(2)
+    )
+    x[0] = x[1]  # one image a 1 drawn for a 3: the classifier must say 1, as p(x|y) does
+    log_px_y = scoring.label_log_likelihoods(vae, x, 7, batch_size=3, generator=torch.Generator().manual_seed(0))
+    each = Independent(Bernoulli(logits=templates.reshape(10, 1, 28, 28)), 3)
+    exact = torch.stack([each.log_prob(image) for image in x])  # (8, 10)
+    torch.testing.assert_close(log_px_y, exact, rtol=1e-10, atol=1e-8)
+    scores = scoring.conditional_scores(log_px_y, truth)
+    assert scores["classifier_accuracy"] == 7 / 8
+    assert scores["test_nll"] == pytest.approx(-exact.gather(1, truth[:, None]).mean().item())
+    marginal = torch.logsumexp(exact, 1) - math.log(10)
+    assert scores["test_nll_marginal"] == pytest.approx(-marginal.mean().item())
+
+
+def test_the_conditional_nll_is_at_most_log_10_below_the_marginal():
+    log_px_y = torch.randn(50, 10, dtype=F64, generator=torch.Generator().manual_seed(0)) * 30 - 100
+    labels = torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(1))
+    scores = scoring.conditional_scores(log_px_y, labels)
+    assert scores["test_nll"] >= scores["test_nll_marginal"] - math.log(10) - 1e-12
+    best = scoring.conditional_scores(log_px_y, log_px_y.argmax(1))
+    assert best["classifier_accuracy"] == 1.0 and best["test_nll"] < scores["test_nll"]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory, data_dir):
+    """A conditional 2-D run, 2 epochs with frames, and the same run as 1 epoch then --resume to 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("conditional")
+    flags = [*TINY, "--conditional", "--frames", "--data-dir", str(data_dir)]
+    train.main([*flags, "--epochs", "2", "--out-dir", str(root / "straight")])
+    train.main([*flags, "--epochs", "1", "--out-dir", str(root / "resumed")])
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(root / "resumed"), "--device", "cpu"])
+    torch.set_num_threads(before)
+    return root
+
+
+def test_conditional_training_resumes_bit_exactly(conditional_run):
+    straight, resumed = log_records(conditional_run / "straight"), log_records(conditional_run / "resumed")
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    (a, _), (b, _) = (
+        load_checkpoint(conditional_run / "straight" / "ckpt.pt"),
+        load_checkpoint(conditional_run / "resumed" / "ckpt.pt"),
+    )
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+
+
+def test_a_conditional_checkpoint_is_evaluated_and_drawn_with_no_flag_saying_so(conditional_run, tmp_path):
+    ckpt = conditional_run / "straight" / "ckpt.pt"
+    results = evaluate.main(["--checkpoint", str(ckpt), "--k", "4", "--limit", "64", "--exact-images", "2"])
+    assert {"test_nll", "test_nll_marginal", "classifier_accuracy", "classifier_k", "test_nll_exact"} <= results.keys()
+    assert results["classifier_k"] == 4 and 0 <= results["classifier_accuracy"] <= 1
+    assert results["test_nll"] >= results["test_nll_marginal"] - math.log(10)
+    visualize.main(["--checkpoint", str(ckpt), "--plots-dir", str(tmp_path), "--device", "cpu"])
+    drawn = {p.name for p in tmp_path.iterdir()}
+    assert {"class_grid.png", "analogies.png", "interpolation.png", "training.gif"} <= drawn
+    assert "manifold_20x20.png" not in drawn
+
+
+def test_frames_past_a_resumed_epoch_are_dropped(conditional_run, tmp_path):
+    """As if the run had stopped after epoch 3's frame was saved but before its checkpoint: the resume drops it
+    (and would make it anew), as it drops the log line of that epoch."""
+    run = shutil.copytree(conditional_run / "straight", tmp_path / "run")
+    assert sorted(p.name for p in (run / "frames").iterdir()) == ["0001.png", "0002.png"]
+    first = (run / "frames" / "0001.png").read_bytes()
+    (run / "frames" / "0003.png").write_bytes(b"a frame of an epoch the checkpoint never saw")
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(run), "--device", "cpu"])
+    assert sorted(p.name for p in (run / "frames").iterdir()) == ["0001.png", "0002.png"]
+    assert (run / "frames" / "0001.png").read_bytes() == first
+
+
+def test_the_film_plays_one_frame_per_epoch(conditional_run, tmp_path):
+    from PIL import Image
+
+    visualize.write_film(conditional_run / "straight" / "frames", tmp_path / "film.gif")
+    with Image.open(tmp_path / "film.gif") as film:
+        assert film.n_frames == 2 and film.info["loop"] == 0
+
+
+# --------------------------------------------------------------------------------------------- KL warm-up
+
+
+def test_the_kl_weight_rises_linearly_per_step_to_beta():
+    config = train.TrainConfig(kl_warmup=3, beta=2.0)
+    n = 10
+    weights = torch.cat([train.kl_weights(config, epoch, n) for epoch in (1, 2, 3, 4)])  # 40 steps
+    expected = 2.0 * torch.clamp(torch.arange(1, 41, dtype=F64) / 30, max=1.0)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-7, atol=0)
+    assert weights[29] == 2.0 and (weights[30:] == 2.0).all() and weights[0] > 0
+    assert torch.equal(train.kl_weights(train.TrainConfig(beta=0.5), 7, n), torch.full((n,), 0.5))
+
+
+def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, data_dir):
+    flags = ["--kl-warmup", "3"]
+    straight = run_train(tmp_path, data_dir, "straight", *flags, "--epochs", "2")
+    resumed = run_train(tmp_path, data_dir, "resumed", *flags, "--epochs", "1")
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
+    a, b = log_records(straight), log_records(resumed)
+    assert [r["kl_weight"] for r in a] == pytest.approx([1 / 3, 2 / 3])
+    for x, y in zip(a, b, strict=True):
+        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
+    plain = log_records(run_train(tmp_path, data_dir, "plain", "--epochs", "2"))
+    assert plain[0]["kl_weight"] == 1.0 and plain[0]["train_loss"] != a[0]["train_loss"]
+    # the test loss stays the plain -ELBO: recon + KL at weight 1
+    assert a[-1]["test_loss"] == pytest.approx(a[-1]["test_recon"] + a[-1]["test_kl"], rel=1e-6)
+
+
+def test_warm_up_is_refused_for_the_iwae_objective(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*TINY, "--objective", "iwae", "--k", "2", "--kl-warmup", "2"])
+    assert stopped.value.code == 2 and "--kl-warmup" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- the figures
+
+
+def images_of(fig):
+    return [np.asarray(image.get_array()) for ax in fig.axes for image in ax.get_images()]
+
+
+def tiles(array, side=28):
+    rows, cols = array.shape[0] // side, array.shape[1] // side
+    return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
+
+
+@torch.no_grad()
+def test_the_class_grid_and_the_analogies_draw_the_requested_digit():
+    vae = conditional_vae(latent_dim=2).float()
+    (grid,) = images_of(visualize.class_grid_figure(vae))
+    z = prior_z(10, 2, "cpu")
+    for row in (0, 4, 9):
+        expected = torch.sigmoid(vae.decode(z, torch.full((10,), row))).reshape(10, 28, 28).numpy()
+        np.testing.assert_allclose(tiles(grid)[row], expected, atol=1e-6)
+    np.testing.assert_allclose(class_grid_images(vae).reshape(10, 10, 28, 28).numpy(), tiles(grid), atol=1e-6)
+
+    x, y = images(8).float(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    (analogies,) = images_of(visualize.analogies_figure(vae, x, y))
+    mu, _ = vae.encode(x, y)
+    for i in (0, 5):
+        np.testing.assert_allclose(tiles(analogies)[i, 0], x[i, 0].numpy(), atol=1e-6)  # the test image itself
+        expected = torch.sigmoid(vae.decode(mu[i].expand(10, -1), torch.arange(10))).reshape(10, 28, 28)
+        np.testing.assert_allclose(tiles(analogies)[i, 1:], expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@torch.no_grad()
+def test_the_interpolation_runs_between_the_posterior_means_of_two_different_digits(conditional):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,), conditional=conditional)).eval()
+    x, y = images(20).float(), torch.tensor([7, 7, 2, 1, 1, 0, 4, 4, 4, 9, 5, 5, 3, 8, 8, 6, 2, 2, 0, 1])
+    pairs = visualize.pairs_of_different_digits(y)
+    assert pairs == [(0, 2), (3, 5), (6, 9), (10, 12), (13, 15)]
+    (drawn,) = images_of(visualize.interpolation_figure(vae, x, y))
+    rows = tiles(drawn)
+    assert rows.shape[:2] == ((2 if conditional else 1) * visualize.N_PAIRS, visualize.STEPS)
+    i, j = pairs[0]
+    mu, _ = vae.encode(x[[i, j]], y[[i, j]])
+    start = torch.sigmoid(vae.decode(mu[:1], y[[i]])).reshape(28, 28).numpy()
+    end = torch.sigmoid(vae.decode(mu[1:], y[[j]])).reshape(28, 28).numpy()
+    np.testing.assert_allclose(rows[0, 0], start, atol=1e-6)
+    np.testing.assert_allclose(rows[0, -1], end, atol=1e-6)
+    if conditional:  # the label alone morphs, with the code held at x_i's
+        np.testing.assert_allclose(rows[1, 0], start, atol=1e-6)
+        held = torch.sigmoid(vae.decode(mu[:1], y[[j]])).reshape(28, 28).numpy()
+        np.testing.assert_allclose(rows[1, -1], held, atol=1e-6)
