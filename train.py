@@ -232,6 +232,16 @@ def resume_run(out_dir, device, settings=None):
     print(f"resuming {ckpt_path} after epoch {epoch} (its model and training settings are kept)")
     check_output_dir(ckpt_path.parent, "--out-dir")
     torch.manual_seed(config.seed)
+    optimizer = restore_training_state(state, ckpt_path, model, config, device)
+    data = load_data(config, device)  # last: whatever is wrong above costs no loading time
+    run = Run(config, model, optimizer, *data, epoch, device)
+    drop_what_is_past(run, epoch)
+    return run
+
+
+def restore_training_state(state, ckpt_path, model, config, device):
+    """The optimizer of the checkpoint's run, and its random-number generators restored; CheckpointError if either
+    is missing, does not fit, or is not the bytes that were saved."""
     optimizer = make_optimizer(model, config)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -244,16 +254,19 @@ def resume_run(out_dir, device, settings=None):
         ) from e
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}") from e
-    data = load_data(config, device)  # last: whatever is wrong above costs no loading time
-    run = Run(config, model, optimizer, *data, epoch, device)
+    return optimizer
+
+
+def drop_what_is_past(run, epoch):
+    """The log lines and frames of epochs after the checkpoint's (a stop between them and the checkpoint's
+    save): the resumed run writes them anew."""
     try:
         keep_log_until(run.log_path, epoch)
-        for frame in run.frames_dir.glob("*.png"):  # a frame past the checkpoint's epoch is made anew, as its line
-            if int(frame.stem) > epoch:
-                frame.unlink()
+        for frame_path in run.frames_dir.glob("*.png"):
+            if int(frame_path.stem) > epoch:
+                frame_path.unlink()
     except OSError as e:  # rewriting the log, e.g. on a disk that just filled up
-        raise path_problem("--out-dir", out_dir, e) from e
-    return run
+        raise path_problem("--out-dir", run.config.out_dir, e) from e
 
 
 def load_data(config, device):

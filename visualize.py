@@ -157,9 +157,10 @@ def pairs_of_different_digits(labels, n=N_PAIRS):
 
 @torch.inference_mode()
 def interpolation_figure(model, images, labels):
-    """For pairs of test images of different digits, STEPS points on the straight line between their posterior
-    means, decoded. A conditional model gets two rows a pair: code and label morphed together (the label as
-    weights (1 - t) y_a + t y_b on the two one-hot vectors), and the label alone, with the code held at x_a's."""
+    """For pairs of test images of different digits (shown at the ends of each row), STEPS points on the straight
+    line between their posterior means, decoded. A conditional model gets two rows a pair: code and label morphed
+    together (the label as weights (1 - t) y_a + t y_b on the two one-hot vectors), and the label alone, with the
+    code held at x_a's."""
     t = torch.linspace(0, 1, STEPS, device=images.device)[:, None]  # (STEPS, 1)
     rows, names = [], []
     for i, j in pairs_of_different_digits(labels):
@@ -170,11 +171,12 @@ def interpolation_figure(model, images, labels):
         if model.config.conditional:
             one_hot = torch.nn.functional.one_hot(y, N_CLASSES).to(t.dtype)  # (2, 10)
             weights = (1 - t) * one_hot[0] + t * one_hot[1]  # (STEPS, 10)
-            rows += [decode_means(model, z, weights), decode_means(model, mu[:1].expand(STEPS, -1), weights)]
+            steps = [decode_means(model, z, weights), decode_means(model, mu[:1].expand(STEPS, -1), weights)]
             names += [f"z, y: {a} → {b}", f"y: {a} → {b}"]
         else:
-            rows.append(decode_means(model, z))
+            steps = [decode_means(model, z)]
             names.append(f"{a} → {b}")
+        rows += [torch.cat([x[:1], between, x[1:]]) for between in steps]  # the two test images at the ends
     fig = Figure(figsize=(8, 0.75 * len(rows) + 0.8))
     ax = fig.subplots()
     kind = "codes and labels" if model.config.conditional else "posterior means"

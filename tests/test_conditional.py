@@ -306,8 +306,11 @@ def test_the_interpolation_runs_between_the_posterior_means_of_two_different_dig
     assert pairs == [(0, 2), (3, 5), (6, 9), (10, 12), (13, 15)]
     (drawn,) = images_of(visualize.interpolation_figure(vae, x, y))
     rows = tiles(drawn)
-    assert rows.shape[:2] == ((2 if conditional else 1) * visualize.N_PAIRS, visualize.STEPS)
+    assert rows.shape[:2] == ((2 if conditional else 1) * visualize.N_PAIRS, visualize.STEPS + 2)
     i, j = pairs[0]
+    np.testing.assert_allclose(rows[0, 0], x[i, 0].numpy(), atol=1e-6)  # the pair itself, at the ends
+    np.testing.assert_allclose(rows[0, -1], x[j, 0].numpy(), atol=1e-6)
+    rows = rows[:, 1:-1]
     mu, _ = vae.encode(x[[i, j]], y[[i, j]])
     start = torch.sigmoid(vae.decode(mu[:1], y[[i]])).reshape(28, 28).numpy()
     end = torch.sigmoid(vae.decode(mu[1:], y[[j]])).reshape(28, 28).numpy()
