@@ -1,9 +1,9 @@
 """What the scripts do, checked from the outside: what the training loop feeds the model and reports, the noise
 of the test ELBO, the optimizer of the IWAE protocol, what the figures draw, and bench.py's GEMM bound.
 
-Each test is written against a behaviour that a deliberate bug would break (issue 12 lists them): it watches
-what the model is given (a spy on VAE.loss), what ends up in the log and the checkpoint, what matplotlib is
-asked to draw, and which matrix products autograd really runs.
+Each test is written against a behaviour that a deliberate bug would break (tools/mutation_pass.py makes such
+bugs): it watches what the model is given (a spy on VAE.loss), what ends up in the log and the checkpoint, what
+matplotlib is asked to draw, and which matrix products autograd really runs.
 """
 
 import json
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # 100 images in batches of 32: three full batches and a short one of 4.
 N_TRAIN, BATCH = 100, 32
 BATCH_SIZES = [32, 32, 32, 4]
+LOOP = ["--limit", str(N_TRAIN), "--batch-size", str(BATCH), "--hidden-dims", "16", "--latent-dim", "2"]
 
 
 # --------------------------------------------------------------------------------------------- the training loop
@@ -49,15 +50,8 @@ def training_steps(monkeypatch):
     return seen
 
 
-def train_tiny(out, data_dir, *flags, epochs=2):
-    train.main(
-        [
-            *("--limit", str(N_TRAIN), "--batch-size", str(BATCH), "--epochs", str(epochs)),
-            *("--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu"),
-            *("--data-dir", str(data_dir), "--out-dir", str(out), *flags),
-        ]
-    )
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+def log_of(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def source_of(x, grey, pixels):
@@ -82,12 +76,12 @@ def source_of(x, grey, pixels):
     [("bernoulli", "auto", "binary"), ("cb", "auto", "dequantized"), ("bernoulli", "grey", "grey")],
 )
 def test_each_epoch_feeds_every_image_once_in_a_new_order_presented_anew(
-    tmp_path, data_dir, training_steps, likelihood, pixels_flag, pixels
+    tmp_path, data_dir, tiny_run, training_steps, likelihood, pixels_flag, pixels
 ):
     """Per epoch, the model is given every training image exactly once, shuffled, in an order that changes from
     epoch to epoch; a Bernoulli model sees binary images and a CB model dequantized ones, drawn anew each epoch;
     and the logged training loss is the exact mean over the images, the short last batch weighted by its size."""
-    log = train_tiny(tmp_path / "run", data_dir, "--likelihood", likelihood, "--pixels", pixels_flag)
+    log = log_of(tiny_run.train(tmp_path / "run", *LOOP, "--likelihood", likelihood, "--pixels", pixels_flag, epochs=2))
     grey, _ = load_mnist(data_dir, train=True, limit=N_TRAIN)
     steps = len(BATCH_SIZES)
     assert len(training_steps) == 2 * steps
@@ -117,12 +111,12 @@ def test_each_epoch_feeds_every_image_once_in_a_new_order_presented_anew(
         assert different.float().mean() > 0.9, "each image drawn anew when it is used again"
 
 
-def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, training_steps):
+def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, tiny_run, training_steps):
     """Replayed from the first step's weights with torch's own Adam (lr 1e-3, its defaults otherwise), on the same
     batches and the same noise, the run ends with the weights it saved: each step zeroes the gradients, takes
     those of the batch's mean loss, and makes one Adam step with the run's settings. The first step starts with
     the decoder's output bias at the logit of the mean training image (clipped to [0.001, 0.999], as Burda et al.)."""
-    train_tiny(tmp_path / "run", data_dir, "--likelihood", "bernoulli", epochs=1)
+    tiny_run.train(tmp_path / "run", *LOOP, "--likelihood", "bernoulli", epochs=1)
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     steps = list(training_steps)
     assert len(steps) == len(BATCH_SIZES)
@@ -157,12 +151,11 @@ def test_beta_is_refused_for_the_iwae_objective(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @torch.no_grad()
-def test_networks_are_not_affine_and_use_their_activation(arch):
+def test_networks_are_not_affine_and_use_their_activation(make_vae, arch):
     """Every hidden layer applies the configured nonlinearity: the encoder and the decoder are not affine maps
     (for an affine f, f(a) + f(b) = f(a + b) + f(0)), and the same weights under relu and tanh differ."""
-    torch.manual_seed(0)
-    relu = VAE(VAEConfig(latent_dim=3, arch=arch, hidden_dims=(16,), activation="relu", likelihood="bernoulli"))
-    tanh = VAE(VAEConfig(latent_dim=3, arch=arch, hidden_dims=(16,), activation="tanh", likelihood="bernoulli"))
+    relu = make_vae(latent_dim=3, arch=arch, activation="relu")
+    tanh = make_vae(latent_dim=3, arch=arch, activation="tanh")
     tanh.load_state_dict(relu.state_dict())
     a, b = torch.rand(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     za, zb = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
@@ -180,18 +173,12 @@ def test_networks_are_not_affine_and_use_their_activation(arch):
 # --------------------------------------------------------------------------------------------- the test ELBO
 
 
-def noisy_vae(likelihood="bernoulli"):
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(16,), activation="tanh", likelihood=likelihood)).eval()
-    with torch.no_grad():
-        model.to_logvar.bias.fill_(1.0)  # a wide q(z|x): the one-sample ELBO depends on its draw
-    return model
-
-
-def test_test_elbo_is_the_same_whatever_the_training_random_state(monkeypatch):
+def test_test_elbo_is_the_same_whatever_the_training_random_state(make_vae, monkeypatch):
     """The test ELBO and L_k draw their z from a generator of their own (ELBO_NOISE_SEED): whatever state the
     training stream is in, they give the same numbers, and they leave that stream where it was."""
-    model = noisy_vae()
+    model = make_vae(latent_dim=3)
+    with torch.no_grad():
+        model.to_logvar.bias.fill_(1.0)  # a wide q(z|x): the one-sample ELBO depends on its draw
     images = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(1)).bernoulli(
         generator=torch.Generator().manual_seed(2)
     )
@@ -210,14 +197,11 @@ def test_test_elbo_is_the_same_whatever_the_training_random_state(monkeypatch):
 # --------------------------------------------------------------------------------------------- optimizer, schedule
 
 
-def test_iwae_protocol_runs_adam_with_eps_1e_4(tmp_path, data_dir):
+def test_iwae_protocol_runs_adam_with_eps_1e_4(run_copy):
     """Burda et al. (2016), Section 5: Adam with eps = 1e-4 under --schedule iwae, in the run and after a resume;
     PyTorch's default 1e-8 otherwise."""
-    common = ["--limit", "64", "--batch-size", "64", "--hidden-dims", "8", "--device", "cpu"]
-    common += ["--data-dir", str(data_dir)]
     for schedule, eps in (("iwae", 1e-4), ("constant", 1e-8)):
-        out = tmp_path / schedule
-        train.main([*common, "--schedule", schedule, "--epochs", "1", "--out-dir", str(out)])
+        out = run_copy("--schedule", schedule, name=schedule)  # a finished 1-epoch tiny run
         state = torch.load(out / "ckpt.pt", weights_only=True)
         assert [group["eps"] for group in state["optimizer"]["param_groups"]] == [eps]
         train.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--device", "cpu"])
@@ -256,15 +240,6 @@ def untiled(array, side=28):
     return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
 
 
-def spread_vae(likelihood, latent_dim=2, seed=0):
-    """A small VAE whose logits span -6..6, where a CB's mean and its lambda differ by up to 0.16."""
-    torch.manual_seed(seed)
-    model = VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(16,), activation="tanh", likelihood=likelihood)).eval()
-    with torch.no_grad():
-        model.to_logits.bias.copy_(torch.linspace(-6, 6, 784)[torch.randperm(784)])
-    return model
-
-
 def expected_mean(model, logits):
     """What a figure must show for these logits: E[x|z], the CB mean for a CB decoder (not lambda)."""
     return cb_mean(logits) if model.config.likelihood == "cb" else torch.sigmoid(logits)
@@ -284,11 +259,12 @@ def assert_drawn(array, expected, wrong=None):
 
 @pytest.mark.parametrize("likelihood", ["cb", "bernoulli"])
 @torch.inference_mode()
-def test_figures_draw_the_decoder_mean(likelihood):
+def test_figures_draw_the_decoder_mean(make_vae, likelihood):
     """Samples, the manifold and the reconstructions show E[x|z] of the decoder's logits: cb_mean for a CB
     decoder, sigmoid for a Bernoulli one; at the prior draws of PRIOR_SAMPLE_SEED, the grid of Gaussian
-    quantiles and the posterior means."""
-    model = spread_vae(likelihood)
+    quantiles and the posterior means. The model's logits span -6..6 (spread), where a CB's mean and its lambda
+    differ by up to 0.16."""
+    model = make_vae(likelihood=likelihood, latent_dim=2, spread=True)
 
     fig = visualize.samples_figure(model)
     z = torch.randn(100, 2, generator=torch.Generator().manual_seed(PRIOR_SAMPLE_SEED))
@@ -316,9 +292,10 @@ def test_figures_draw_the_decoder_mean(likelihood):
 
 
 @torch.inference_mode()
-def test_compare_draws_the_cb_model_as_lambda_and_as_its_mean(data_dir):
+def test_compare_draws_the_cb_model_as_lambda_and_as_its_mean(data_dir, make_vae):
     """--compare: each row is what its label says, the CB one both as lambda = sigmoid(logits) and as cb_mean."""
-    bernoulli, cb = spread_vae("bernoulli", latent_dim=3, seed=1), spread_vae("cb", latent_dim=2, seed=2)
+    bernoulli = make_vae(likelihood="bernoulli", latent_dim=3, seed=1, spread=True)
+    cb = make_vae(likelihood="cb", latent_dim=2, seed=2, spread=True)
     states = [{"train_config": {"pixels": "binary"}}, {"train_config": {"pixels": "dequantized"}}]
     fig = visualize.compare_figure((states[0], bernoulli), (states[1], cb), [data_dir, data_dir], "cpu")
     n = visualize.N_RECONSTRUCTIONS
@@ -368,12 +345,11 @@ class MatrixProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_gemm_plan_is_the_products_autograd_runs():
+def test_gemm_plan_is_the_products_autograd_runs(make_vae):
     """bench's GEMM bound counts, for every layer, the forward product and both backward ones (weight and input
     gradients) of each training batch, the short last one included, and the forward products of the test pass:
     exactly the matrix products that a training step and the test ELBO really run."""
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(latent_dim=3, hidden_dims=(20, 10), activation="relu", likelihood="bernoulli"))
+    model = make_vae(latent_dim=3, hidden_dims=(20, 10), activation="relu")
     n_train, n_test, batch_size = 2 * 16 + 5, 25, 16
     ran = MatrixProducts()
     with ran:

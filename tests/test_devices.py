@@ -6,8 +6,6 @@ enforces (no float64 on the device) and lets numbers come back to the host (as z
 random-number generators are replaced by fakes that take, as torch's do, only a CPU ByteTensor.
 """
 
-import shutil
-
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -16,7 +14,6 @@ import bench
 import scoring
 import train
 from checkpoints import load_checkpoint, save_checkpoint
-from model import VAE, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,14 +47,6 @@ def to_the_host(args, kwargs):
     return device is not None and torch.device(device).type == "cpu"
 
 
-def meta_vae(likelihood="bernoulli", latent_dim=4):
-    return (
-        VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(32,), activation="relu", likelihood=likelihood))
-        .to(META)
-        .eval()
-    )
-
-
 def test_the_stand_in_refuses_float64_on_the_device():
     with StandInAccelerator():
         with pytest.raises(TypeError, match="float64"):
@@ -66,10 +55,10 @@ def test_the_stand_in_refuses_float64_on_the_device():
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "cb"])
-def test_evaluation_makes_no_float64_on_the_device(likelihood):
+def test_evaluation_makes_no_float64_on_the_device(make_vae, likelihood):
     """evaluate.py's measures (and bench's evaluation throughput) keep the device in float32: MPS has no float64.
     The importance-sampled NLL is averaged in float64 on the host."""
-    model = meta_vae(likelihood)
+    model = make_vae(likelihood=likelihood, latent_dim=4, hidden_dims=(32,), activation="relu").to(META)
     images = torch.rand(20, 1, 28, 28, device=META)
     labels = torch.zeros(20, dtype=torch.long, device=META)
     with StandInAccelerator():
@@ -82,7 +71,7 @@ def test_evaluation_makes_no_float64_on_the_device(likelihood):
     assert isinstance(nll, float)
 
 
-def test_importance_samples_go_in_large_chunks_on_a_gpu(monkeypatch):
+def test_importance_samples_go_in_large_chunks_on_a_gpu(make_vae, monkeypatch):
     """On the CPU the k samples of a batch go in 16 MiB chunks (the allocator reuses them); on a GPU in chunks
     16 times larger, so that k = 5000 is tens of launches per batch, not hundreds, with memory still bounded."""
     k, batch_size, bytes_per = 5000, 500, 4
@@ -92,7 +81,8 @@ def test_importance_samples_go_in_large_chunks_on_a_gpu(monkeypatch):
         chunk = scoring.samples_per_chunk(k, batch_size, device)
         assert chunk >= 16 * cpu and chunk * batch_size * 784 * bytes_per <= 256 * 2**20
     # ... and the estimator uses the chunk of the images' device.
-    model, images = meta_vae(), torch.rand(batch_size, 1, 28, 28, device=META)
+    model = make_vae(latent_dim=4, hidden_dims=(32,), activation="relu").to(META)
+    images = torch.rand(batch_size, 1, 28, 28, device=META)
     calls = []
     real_log_weights = model.log_weights
     monkeypatch.setattr(model, "log_weights", lambda x, n, *args: calls.append(n) or real_log_weights(x, n, *args))
@@ -116,18 +106,10 @@ def test_knn_blocks_grow_on_a_gpu(monkeypatch):
 # --------------------------------------------------------------------------------------------- --resume
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir):
-    """A 1-epoch run (copy it before changing it)."""
-    out = tmp_path_factory.mktemp("devices") / "run"
-    flags = ["--limit", "64", "--batch-size", "32", "--hidden-dims", "8", "--latent-dim", "2", "--epochs", "1"]
-    train.main([*flags, "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out)])
-    return out
-
-
 @pytest.fixture
-def run(tmp_path, finished_run):
-    return shutil.copytree(finished_run, tmp_path / "run")
+def run(run_copy):
+    """A private copy of the finished 1-epoch tiny run."""
+    return run_copy()
 
 
 def test_resume_onto_another_device_restores_the_random_state(run):

@@ -14,10 +14,8 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Nor
 import data
 import evaluate
 import scoring
-import train
 from checkpoints import load_checkpoint
 from data import DataError, load_scored_split, load_test_set
-from model import VAE, VAEConfig
 
 RESULT_KEYS = {
     "test_neg_elbo",
@@ -34,16 +32,6 @@ RESULT_KEYS = {
     "epoch",
 }
 DISTRIBUTION = {"bernoulli": Bernoulli, "cb": ContinuousBernoulli}
-
-
-def random_vae(likelihood="bernoulli", latent_dim=3, seed=0):
-    """A small untrained VAE in float64, where q(z|x) is far from p(z|x): the bound's gap is large."""
-    torch.manual_seed(seed)
-    return (
-        VAE(VAEConfig(latent_dim=latent_dim, hidden_dims=(16,), activation="tanh", likelihood=likelihood))
-        .double()
-        .eval()
-    )
 
 
 def random_images(n, likelihood, seed=0):
@@ -74,12 +62,14 @@ def quadrature_log_px(model, x, lo=-10.0, hi=10.0, n=4001):
 
 
 # --------------------------------------------------------------------------------------------- the bound
+# The models are small untrained VAEs in float64 (make_vae), where q(z|x) is far from p(z|x): the bound's gap
+# is large.
 
 
 @torch.inference_mode()
-def test_one_sample_bound_is_the_elbo_in_expectation():
+def test_one_sample_bound_is_the_elbo_in_expectation(make_vae):
     """E_q[log p(x, z) - log q(z|x)] = E_q[log p(x|z)] - KL(q || p) (AEVB eq. (10)): k = 1 has the ELBO's mean."""
-    model, x = random_vae(), random_images(4, "bernoulli")
+    model, x = make_vae(latent_dim=3).double(), random_images(4, "bernoulli")
     model.to_logvar.bias.fill_(-2.0)  # sigma ~ 0.4: a q(z|x) unlike the prior, so every term of log q counts
     repeats = 2000
     xs = x.repeat(repeats, 1, 1, 1)  # (repeats * 4, 1, 28, 28): an independent draw for each copy
@@ -94,9 +84,9 @@ def test_one_sample_bound_is_the_elbo_in_expectation():
 
 
 @torch.inference_mode()
-def test_bound_rises_with_k_towards_log_px_from_quadrature():
+def test_bound_rises_with_k_towards_log_px_from_quadrature(make_vae):
     """Burda et al. (2016), Theorem 1: E log p^_k <= E log p^_{k+1} <= log p(x), the bound -> log p(x)."""
-    model, x = random_vae(latent_dim=1), random_images(2, "bernoulli")
+    model, x = make_vae(latent_dim=1).double(), random_images(2, "bernoulli")
     log_px = quadrature_log_px(model, x)  # (2,)
     repeats = 60
     xs = x.repeat(repeats, 1, 1, 1)
@@ -113,7 +103,7 @@ def test_bound_rises_with_k_towards_log_px_from_quadrature():
 
 
 @pytest.mark.parametrize("dtype, level, tolerance", [(torch.float64, -1e5, 1e-8), (torch.float32, -1e4, 1e-2)])
-def test_bound_is_stable_for_very_negative_log_weights(monkeypatch, dtype, level, tolerance):
+def test_bound_is_stable_for_very_negative_log_weights(make_vae, monkeypatch, dtype, level, tolerance):
     """exp(-1e4) underflows to 0: only the shifted form log sum exp(a_i) = m + log sum exp(a_i - m) works."""
     k, n = 10, 3
     log_w = level + 30 * torch.rand(k, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -121,7 +111,7 @@ def test_bound_is_stable_for_very_negative_log_weights(monkeypatch, dtype, level
     expected = [
         float(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(a))) for a in log_w[:, j]) / k)) for j in range(n)
     ]
-    model, x = random_vae(), random_images(n, "bernoulli")
+    model, x = make_vae(latent_dim=3).double(), random_images(n, "bernoulli")
     for chunk in (None, 3, 7):  # chunks whose maxima differ are combined by a second logsumexp
         served = 0
 
@@ -140,10 +130,10 @@ def test_bound_is_stable_for_very_negative_log_weights(monkeypatch, dtype, level
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "cb"])
 @torch.inference_mode()
-def test_chunked_estimates_equal_a_manual_computation_on_the_same_draws(monkeypatch, likelihood):
+def test_chunked_estimates_equal_a_manual_computation_on_the_same_draws(make_vae, monkeypatch, likelihood):
     """Images in batches of 2 and the k = 10 samples in chunks of 3 (3 + 3 + 3 + 1); the reference draws
     eps for each chunk in the same order from the same seed and does the rest with torch.distributions."""
-    model, images = random_vae(likelihood), random_images(5, likelihood)
+    model, images = make_vae(likelihood=likelihood, latent_dim=3).double(), random_images(5, likelihood)
     k, batch_size, chunk, seed = 10, 2, 3, 7
     monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", chunk * batch_size * 784)
     assert scoring.samples_per_chunk(k, batch_size) == chunk
@@ -179,8 +169,8 @@ def test_active_units_counts_dims_with_posterior_mean_variance_above_0_01():
 
 
 @torch.inference_mode()
-def test_posterior_means_are_the_encoder_means_in_batches():
-    model, images = random_vae(), random_images(7, "bernoulli")
+def test_posterior_means_are_the_encoder_means_in_batches(make_vae):
+    model, images = make_vae(latent_dim=3).double(), random_images(7, "bernoulli")
     torch.testing.assert_close(scoring.posterior_means(model, images, batch_size=3), model.encode(images)[0])
 
 
@@ -212,14 +202,15 @@ def test_knn_accuracy_equals_brute_force(monkeypatch):
 # --------------------------------------------------------------------------------------------- the script
 
 
-# The MLP runs are trained enough (2 epochs of 2048 images) for their codes to be used and to tell the digits
-# apart: an untrained encoder of the same shape has no active unit and a 15-NN accuracy below 0.3. The conv
-# run, which is slow on a CPU, only checks the plumbing (1 epoch of 512 images).
+# Tiny runs with a 4-D latent. The MLP runs are trained enough (2 epochs of 2048 images) for their codes to be
+# used and to tell the digits apart: an untrained encoder of the same shape has no active unit and a 15-NN
+# accuracy below 0.3. The conv run, which is slow on a CPU, only checks the plumbing (1 epoch of 512 images).
 TRAINED = ["--limit", "2048", "--epochs", "2", "--batch-size", "64"]
+CONV = ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32", "--latent-dim", "4"]
 CHECKPOINTS = {
-    "mlp-bernoulli": ["--likelihood", "bernoulli", "--hidden-dims", "64", *TRAINED],
-    "mlp-cb": ["--likelihood", "cb", "--hidden-dims", "64", *TRAINED],
-    "conv-bernoulli": ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32", "--limit", "512"],
+    "mlp-bernoulli": ["--likelihood", "bernoulli", "--hidden-dims", "64", "--latent-dim", "4", *TRAINED],
+    "mlp-cb": ["--likelihood", "cb", "--hidden-dims", "64", "--latent-dim", "4", *TRAINED],
+    "conv-bernoulli": [*CONV, "--limit", "512", "--batch-size", "128"],
 }
 LIMIT, K = 200, 64
 
@@ -235,41 +226,15 @@ def encoded():
 
 
 @pytest.fixture(scope="module")
-def one_thread_for_the_module():
-    """One intra-op thread, as the one_thread fixture, for the module-scoped training runs too: on a loaded 2-core
-    machine their many tiny steps run several times faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def evaluated(data_dir, tmp_path_factory, encoded, one_thread_for_the_module):
-    """Each tiny checkpoint trained once and scored once: name -> (ckpt, results, JSON).
+def evaluated(tiny_run, tmp_path_factory, encoded, one_thread_for_the_module):
+    """Each tiny checkpoint (shared: read-only) scored once: name -> (ckpt, results, JSON).
 
     The conv run scores kNN against the first 6000 training images only, to keep this file fast on a CPU
     (encoding all 60000 with the conv encoder takes longer than everything else here); the MLP runs use all.
     """
     runs = {}
     for name, flags in CHECKPOINTS.items():
-        out = tmp_path_factory.mktemp(name)
-        train.main(
-            [
-                "--epochs",
-                "1",
-                "--latent-dim",
-                "4",
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(out),
-                *flags,
-            ]
-        )
-        ckpt, json_path = out / "ckpt.pt", out / "results.json"
+        ckpt, json_path = tiny_run(*flags) / "ckpt.pt", tmp_path_factory.mktemp(name) / "results.json"
         reference_sizes = []
         encoded[name] = []
         with pytest.MonkeyPatch.context() as patch:

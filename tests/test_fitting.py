@@ -21,7 +21,7 @@ import visualize
 from checkpoints import load_checkpoint
 from data import load_test_set
 from gradient_variance import encoder_gradients, noise_summary
-from model import VAE, VAEConfig, log_likelihood
+from model import log_likelihood
 from scoring import mean_neg_iwae_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,12 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 Z_MAX = 5.5
 DRAWS = 2000
-TINY = "--batch-size 64 --hidden-dims 32 --latent-dim 4 --device cpu".split()
+# The training runs of this module: tiny runs in steps of 64, with a 4-D latent (and the flags of each test).
+FITTING = ["--batch-size", "64", "--hidden-dims", "32", "--latent-dim", "4"]
 
 
-def tiny_vae(likelihood="bernoulli", seed=0):
-    torch.manual_seed(seed)
-    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(2,), likelihood=likelihood)).double()
+@pytest.fixture
+def vae(make_vae):
+    """A tiny float64 VAE, 2-D latent, one hidden layer of 2."""
+    vae = make_vae(latent_dim=2, hidden_dims=(2,), activation="relu").double()
     with torch.no_grad():  # a posterior with some spread: otherwise every estimator is nearly exact
         vae.to_logvar.bias.fill_(-0.5)
     return vae
@@ -56,9 +58,9 @@ def max_z(a, b):
     return ((a.mean(0) - b.mean(0))[alive].abs() / se[alive]).max().item()
 
 
-def test_iwae_at_k_1_is_the_elbo_with_a_sampled_kl():
+def test_iwae_at_k_1_is_the_elbo_with_a_sampled_kl(vae):
     """Same z draws (same seed): -L_1 = -log p(x|z) + log q(z|x) - log p(z), recomputed with torch.distributions."""
-    vae, x = tiny_vae(), tiny_x()
+    x = tiny_x()
     _, neg_l1 = vae.loss(x, "iwae", 1, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         mu, logvar = vae.encode(x)
@@ -69,8 +71,8 @@ def test_iwae_at_k_1_is_the_elbo_with_a_sampled_kl():
     torch.testing.assert_close(neg_l1, expected, rtol=1e-12, atol=1e-10)
 
 
-def test_elbo_with_k_samples_averages_k_one_sample_elbos():
-    vae, x = tiny_vae(), tiny_x()
+def test_elbo_with_k_samples_averages_k_one_sample_elbos(vae):
+    x = tiny_x()
     _, neg_elbo = vae.loss(x, "elbo", 4, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         mu, logvar = vae.encode(x)
@@ -84,18 +86,18 @@ def test_elbo_with_k_samples_averages_k_one_sample_elbos():
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 @pytest.mark.parametrize("k", [1, 5])
-def test_score_function_gradient_is_unbiased(objective, k):
+def test_score_function_gradient_is_unbiased(objective, k, vae):
     """Score-function and pathwise estimates of the encoder's gradient have the same mean."""
-    vae, x = tiny_vae(), tiny_x()
+    x = tiny_x()
     pathwise = grads(vae, x, objective, k, "pathwise", seed=1, draws=500)
     score = grads(vae, x, objective, k, "score", seed=2)
     assert max_z(score, pathwise) < Z_MAX
 
 
-def test_a_biased_score_estimator_is_caught(monkeypatch):
+def test_a_biased_score_estimator_is_caught(monkeypatch, vae):
     """The check above can fail: a baseline that includes the sample's own term (b_i = the mean of all k f_j,
     f_i among them) shrinks the learning signal (f_i - b_i) / k by (k - 1)/k: a 20 % bias at k = 5."""
-    vae, x = tiny_vae(), tiny_x()
+    x = tiny_x()
     pathwise = grads(vae, x, "elbo", 5, "pathwise", seed=1, draws=500)
     monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: total(f) - (f - f.mean(0)) / f.shape[0])
     biased = grads(vae, x, "elbo", 5, "score", seed=2)
@@ -103,13 +105,27 @@ def test_a_biased_score_estimator_is_caught(monkeypatch):
 
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
-def test_leave_one_out_baseline_keeps_the_mean_and_lowers_the_variance(objective, monkeypatch):
-    vae, x = tiny_vae(), tiny_x()
+def test_leave_one_out_baseline_keeps_the_mean_and_lowers_the_variance(objective, monkeypatch, vae):
+    x = tiny_x()
     with_baseline = grads(vae, x, objective, 5, "score", seed=3)
     monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: torch.zeros_like(f))  # b = 0
     without = grads(vae, x, objective, 5, "score", seed=4)
     assert max_z(with_baseline, without) < Z_MAX
     assert noise_summary(with_baseline)["variance"] < 0.5 * noise_summary(without)["variance"]
+
+
+@pytest.mark.parametrize("total", [model_module.mean_over_samples, model_module.log_mean_exp], ids=["elbo", "iwae"])
+def test_leave_one_out_baseline_replaces_each_sample_by_the_mean_of_the_others(total):
+    """b_i = total(f with f_i replaced by the mean of the other k - 1 samples), computed here one i at a time; for
+    L_k, where f = log w, this is VIMCO's baseline (w_i replaced by the geometric mean of the others)."""
+    k = 5
+    f = torch.randn(k, 3, generator=torch.Generator().manual_seed(7), dtype=F64) * 10 - 100
+    expected = []
+    for i in range(k):
+        replaced = f.clone()
+        replaced[i] = torch.cat([f[:i], f[i + 1 :]]).mean(0)
+        expected.append(total(replaced))
+    torch.testing.assert_close(model_module.leave_one_out(f, total), torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
 def test_noise_summary_is_the_per_parameter_variance_and_snr():
@@ -119,9 +135,8 @@ def test_noise_summary_is_the_per_parameter_variance_and_snr():
     assert summary["snr"] == pytest.approx((2.0 / 1.0 + 5.0 / 2.0) / 2)
 
 
-def test_iwae_bound_rises_with_k_on_a_trained_model(tmp_path, data_dir):
-    train.main([*TINY, "--limit", "512", "--epochs", "3", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
-    state, vae = load_checkpoint(tmp_path / "ckpt.pt")
+def test_iwae_bound_rises_with_k_on_a_trained_model(tiny_run, data_dir):
+    state, vae = load_checkpoint(tiny_run(*FITTING, "--limit", "512", epochs=3) / "ckpt.pt")
     x, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", 256)
     bounds = [mean_neg_iwae_bound(vae, x, k).item() for k in (1, 5, 50)]
     assert bounds[0] > bounds[1] + 0.1 > bounds[2] + 0.2, bounds
@@ -130,28 +145,13 @@ def test_iwae_bound_rises_with_k_on_a_trained_model(tmp_path, data_dir):
 @pytest.mark.parametrize(
     "flags", ["", "--objective iwae --k 5", "--estimator score --k 5", "--objective iwae --k 3 --estimator score"]
 )
-def test_every_way_of_fitting_trains_and_resumes_exactly(tmp_path, data_dir, flags):
+def test_every_way_of_fitting_trains_and_resumes_exactly(tiny_run, run_copy, data_dir, flags):
     flags = flags.split()
-    common = [*TINY, "--limit", "512", "--lr", "3e-3", "--data-dir", str(data_dir), *flags]
-    train.main([*common, "--epochs", "3", "--out-dir", str(tmp_path / "straight")])
-    train.main([*common, "--epochs", "1", "--out-dir", str(tmp_path / "resumed")])
-    train.main(
-        [
-            "--resume",
-            "--epochs",
-            "3",
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--out-dir",
-            str(tmp_path / "resumed"),
-        ]
-    )
-    logs = [
-        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-        for run in ("straight", "resumed")
-    ]
+    common = [*FITTING, "--limit", "512", "--lr", "3e-3", *flags]
+    straight = tiny_run(*common, epochs=3)
+    resumed = run_copy(*common, epochs=1)
+    train.main(["--resume", "--epochs", "3", "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(resumed)])
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (straight, resumed)]
     for a, b in zip(*logs, strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     straight = logs[0]
@@ -164,14 +164,13 @@ def test_every_way_of_fitting_trains_and_resumes_exactly(tmp_path, data_dir, fla
     assert math.isfinite(straight[-1]["train_loss"])
 
 
-def test_gradient_variance_script_writes_its_figure_and_json(tmp_path, data_dir, monkeypatch):
-    run = ["--limit", "256", "--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")]
-    train.main([*TINY, *run])
+def test_gradient_variance_script_writes_its_figure_and_json(tmp_path, tiny_run, monkeypatch):
+    run = tiny_run(*FITTING, "--limit", "256")
     monkeypatch.setattr(gradient_variance, "KS", (1, 2, 5))
     plots, json_path = tmp_path / "plots", tmp_path / "gv.json"
     args = "--images 8 --draws 20 --device cpu".split()
     results = gradient_variance.main(
-        [*args, "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--plots-dir", str(plots), "--json", str(json_path)]
+        [*args, "--checkpoint", str(run / "ckpt.pt"), "--plots-dir", str(plots), "--json", str(json_path)]
     )
     assert (tmp_path / "plots" / "gradient_variance.png").stat().st_size > 10_000
     written = json.loads((tmp_path / "gv.json").read_text())
@@ -183,16 +182,13 @@ def test_gradient_variance_script_writes_its_figure_and_json(tmp_path, data_dir,
     assert written["trained"] != written["initial"]
 
 
-def test_ways_of_fitting_figure_reads_every_run(tmp_path, data_dir, monkeypatch):
-    common = [*TINY, "--limit", "128", "--epochs", "2", "--data-dir", str(data_dir)]
-    train.main([*common, "--out-dir", str(tmp_path / "elbo")])
-    train.main([*common, "--objective", "iwae", "--k", "3", "--out-dir", str(tmp_path / "iwae")])
+def test_ways_of_fitting_figure_reads_every_run(tmp_path, tiny_run, monkeypatch):
+    elbo = tiny_run(*FITTING, "--limit", "128", epochs=2)
+    iwae = tiny_run(*FITTING, "--limit", "128", "--objective", "iwae", "--k", "3", epochs=2)
     drawn = []
     real = visualize.ways_of_fitting_figure
     monkeypatch.setattr(visualize, "ways_of_fitting_figure", lambda runs: (drawn.append(runs), real(runs))[1])
-    visualize.main(
-        ["--ways-of-fitting", str(tmp_path / "elbo"), str(tmp_path / "iwae"), "--plots-dir", str(tmp_path / "plots")]
-    )
+    visualize.main(["--ways-of-fitting", str(elbo), str(iwae), "--plots-dir", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / "ways_of_fitting.png").stat().st_size > 10_000
     (runs,) = drawn
     assert [label for label, _ in runs] == ["ELBO, pathwise, k = 1", "IWAE, pathwise, k = 3"]

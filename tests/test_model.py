@@ -253,7 +253,9 @@ def test_cb_log_norm_gradient_matches_mpmath(dtype):
 def test_cb_log_norm_gradcheck(point):
     l = torch.tensor([point, -point], dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(cb_log_norm, (l,), eps=1e-6, atol=1e-9, rtol=1e-6)
-    if point != 0.0:  # (at exactly 0 autograd's second derivative is 0, not 1/6: see the report)
+    # At exactly 0 autograd's second derivative is 0, not 1/6: the series is in |l|^2, and autograd takes the
+    # derivative of |l| there as sign(0) = 0.
+    if point != 0.0:
         assert torch.autograd.gradgradcheck(cb_log_norm, (l,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -429,12 +431,12 @@ def test_config_round_trip():
 # ---------------------------------------------------------------------------------------------
 
 D = 3
-
-
-def make_vae(arch="mlp", likelihood="cb", activation="relu", hidden=(32, 16), seed=0):
-    torch.manual_seed(seed)
-    config = VAEConfig(latent_dim=D, arch=arch, hidden_dims=hidden, activation=activation, likelihood=likelihood)
-    return VAE(config).double()
+# The VAEs of these tests (make_vae(**ARCH[arch], likelihood=...).double()): a 3-D latent, ReLU, and
+# hidden layers of 32 and 16 for the MLP, a dense layer of 16 after the convolutions.
+ARCH = {
+    "mlp": {"arch": "mlp", "latent_dim": D, "hidden_dims": (32, 16), "activation": "relu"},
+    "conv": {"arch": "conv", "latent_dim": D, "hidden_dims": (16,), "activation": "relu"},
+}
 
 
 def make_x(likelihood, batch=4, seed=7):
@@ -450,8 +452,8 @@ ARCH_LIK = [(a, lk) for a in ("mlp", "conv") for lk in ("bernoulli", "cb")]
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_shapes(arch):
-    vae = make_vae(arch, hidden=(16,) if arch == "conv" else (32, 16))
+def test_shapes(make_vae, arch):
+    vae = make_vae(**ARCH[arch], likelihood="cb").double()
     x = make_x("cb", batch=5)
     mu, logvar = vae.encode(x)
     assert mu.shape == logvar.shape == (5, D)
@@ -470,18 +472,19 @@ def test_shapes(arch):
     assert logits.shape == (5, 1, 28, 28) and mu_f.shape == logvar_f.shape == (5, D)
 
 
-def test_sample_is_decode_of_prior_draws():
-    vae = make_vae()
+def test_sample_is_decode_of_prior_draws(make_vae):
+    vae = make_vae(**ARCH["mlp"], likelihood="cb").double()
     samples = vae.sample(6, generator=gen(11))
     assert samples.shape == (6, 1, 28, 28)
     z = torch.randn(6, D, generator=gen(11), dtype=F64)
     torch.testing.assert_close(samples, vae.decode(z), rtol=0, atol=0)
 
 
-def test_mean_per_likelihood():
+def test_mean_per_likelihood(make_vae):
     logits = torch.randn(2, 1, 28, 28, generator=gen(12), dtype=F64) * 4
-    torch.testing.assert_close(make_vae(likelihood="bernoulli").mean(logits), torch.sigmoid(logits), rtol=0, atol=0)
-    torch.testing.assert_close(make_vae(likelihood="cb").mean(logits), cb_mean(logits), rtol=0, atol=0)
+    bernoulli, cb = (make_vae(**ARCH["mlp"], likelihood=likelihood).double() for likelihood in ("bernoulli", "cb"))
+    torch.testing.assert_close(bernoulli.mean(logits), torch.sigmoid(logits), rtol=0, atol=0)
+    torch.testing.assert_close(cb.mean(logits), cb_mean(logits), rtol=0, atol=0)
 
 
 def test_reparameterize_is_mu_plus_sigma_eps():
@@ -508,8 +511,8 @@ def test_reparameterize_samples_q():
 
 
 @pytest.mark.parametrize("arch, likelihood", ARCH_LIK)
-def test_gradients_reach_every_parameter(arch, likelihood):
-    vae = make_vae(arch, likelihood, hidden=(16,) if arch == "conv" else (32, 16))
+def test_gradients_reach_every_parameter(make_vae, arch, likelihood):
+    vae = make_vae(**ARCH[arch], likelihood=likelihood).double()
     x = make_x(likelihood)
     # Through the reconstruction term alone, the encoder learns only via z = mu + sigma * eps.
     recon, _ = vae.elbo_terms(x, gen(3))
@@ -526,8 +529,8 @@ def test_gradients_reach_every_parameter(arch, likelihood):
 
 
 @pytest.mark.parametrize("arch, likelihood", ARCH_LIK)
-def test_loss_is_negative_elbo(arch, likelihood):
-    vae = make_vae(arch, likelihood, hidden=(16,) if arch == "conv" else (32, 16))
+def test_loss_is_negative_elbo(make_vae, arch, likelihood):
+    vae = make_vae(**ARCH[arch], likelihood=likelihood).double()
     x = make_x(likelihood)
     with torch.no_grad():
         recon, kl = vae.elbo_terms(x, gen(21))
@@ -553,8 +556,8 @@ def test_loss_is_negative_elbo(arch, likelihood):
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "cb"])
-def test_init_output_bias_mlp(likelihood):
-    vae = make_vae("mlp", likelihood)
+def test_init_output_bias_mlp(make_vae, likelihood):
+    vae = make_vae(**ARCH["mlp"], likelihood=likelihood).double()
     pixel_mean = torch.rand(1, 28, 28, generator=gen(30), dtype=F64)
     pixel_mean[0, 0, :5] = torch.tensor([0.0, 1.0, 1e-5, 1 - 1e-5, 0.5], dtype=F64)
     vae.init_output_bias(pixel_mean)
@@ -572,8 +575,8 @@ def test_init_output_bias_mlp(likelihood):
         torch.testing.assert_close(vae.mean(logits[0, 0]), torch.from_numpy(p.reshape(28, 28)), rtol=1e-12, atol=0)
 
 
-def test_init_output_bias_conv_sets_the_scalar():
-    vae = make_vae("conv", "bernoulli", hidden=(16,))
+def test_init_output_bias_conv_sets_the_scalar(make_vae):
+    vae = make_vae(**ARCH["conv"], likelihood="bernoulli").double()
     pixel_mean = torch.rand(1, 28, 28, generator=gen(32), dtype=F64) * 0.5
     pixel_mean[0, :3] = 0.0  # clipped to 0.001 before averaging
     vae.init_output_bias(pixel_mean)
@@ -587,8 +590,8 @@ def test_init_output_bias_conv_sets_the_scalar():
 
 
 @pytest.mark.parametrize("arch, likelihood", [("mlp", "bernoulli"), ("mlp", "cb"), ("conv", "cb")])
-def test_log_weights_match_torch_distributions(arch, likelihood):
-    vae = make_vae(arch, likelihood, hidden=(16,) if arch == "conv" else (32, 16))
+def test_log_weights_match_torch_distributions(make_vae, arch, likelihood):
+    vae = make_vae(**ARCH[arch], likelihood=likelihood).double()
     x = make_x(likelihood, batch=3)
     k = 5
     with torch.no_grad():

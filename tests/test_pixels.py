@@ -79,32 +79,14 @@ def test_default_run_is_the_documented_model():
     assert resolve_pixels("auto", "cb") == "dequantized"
 
 
-def test_cb_on_dequantized_pixels_keeps_bounded_logits(tmp_path, data_dir):
+def test_cb_on_dequantized_pixels_keeps_bounded_logits(tiny_run, data_dir):
     """On pixels that are exactly 0 a CB decoder gains density without bound by pushing logits to -inf; on
     dequantized pixels a background pixel's best logit is finite: x in [0, 1/256) has mean 1/512, and
     E[log p] ~ -|l|/512 + log|l| peaks at l = -512. 160 steps at a high learning rate show the difference."""
-    flags = [
-        "--likelihood",
-        "cb",
-        "--limit",
-        "1024",
-        "--batch-size",
-        "64",
-        "--hidden-dims",
-        "64",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--lr",
-        "1e-2",
-        "--epochs",
-        "10",
-    ]
+    flags = ["--likelihood", "cb", "--limit", "1024", "--batch-size", "64", "--hidden-dims", "64", "--lr", "1e-2"]
     smallest = {}
     for pixels in ("dequantized", "grey"):
-        train.main([*flags, "--pixels", pixels, "--out-dir", str(tmp_path / pixels)])
-        state, vae = load_checkpoint(tmp_path / pixels / "ckpt.pt")
+        state, vae = load_checkpoint(tiny_run(*flags, "--pixels", pixels, epochs=10) / "ckpt.pt")
         x, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", 256)
         with torch.no_grad():
             logits = vae.decode(vae.encode(x)[0])  # (256, 1, 28, 28)

@@ -1,7 +1,7 @@
 """train.py and checkpoints.py when things go wrong: bad flags, bad data, crashes, bad, hostile or damaged
 checkpoints, --resume, Ctrl-C and a diverging loss.
 
-Every run is tiny (128 images, one hidden layer of 32, 4 steps an epoch, one CPU thread). train.main runs
+Every run is conftest's tiny run (128 images, one hidden layer of 32, 4 steps an epoch, one CPU thread). train.main runs
 in-process, so an uncaught exception (what would print a traceback) fails the test by itself; stderr is
 also checked to hold exactly one `error: ...` line. One test runs train.py in a subprocess, to kill it
 with SIGKILL in the middle of a checkpoint write.
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tqdm import tqdm
 
 import checkpoints
 import data
@@ -34,67 +33,17 @@ import visualize
 from checkpoints import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--limit", "128", "--batch-size", "32", "--hidden-dims", "32", "--device", "cpu"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class QuietTqdm(tqdm):
-    """No progress bars: a bar another test module left open makes the next ones redraw over several lines."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "disable": True})
-
-
-@pytest.fixture(autouse=True)
-def no_progress_bars(monkeypatch):
-    monkeypatch.setattr(train, "tqdm", QuietTqdm)
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def shown_lines(err):
-    """What a terminal would show of stderr: per line, the text after the last carriage return."""
-    lines = (line.rsplit("\r", 1)[-1] for line in err.split("\n"))
-    return [line for line in lines if line.strip()]
-
-
-def run_main(capsys, *argv):
+def run_main(scripts, *argv):
     """train.main(argv) -> (exit code, stdout, shown stderr lines)."""
-    return run_script(capsys, train.main, *argv)
-
-
-def run_script(capsys, main, *argv):
-    """A script's main(argv) -> (exit code, stdout, shown stderr lines)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:  # left alone, it would stop pytest itself
-        pytest.fail("Ctrl-C escaped main: a user would see a traceback")
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, shown_lines(err)
-
-
-def the_error(lines, *needles):
-    """The one `error:` line of stderr (argparse adds its usage lines above it); it names every needle."""
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1, lines
-    assert all(line.startswith(("usage:", " ")) for line in lines if line not in errors), lines
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
-
-def only_error(lines, *needles):
-    """stderr is exactly one line, `error: ...`, naming every needle (no usage: not a flag problem)."""
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return the_error(lines, *needles)
+    return scripts.run(train.main, *argv)
 
 
 def log_epochs(run):
@@ -111,26 +60,16 @@ def saved_epoch(run):
     return state["epoch"]
 
 
-@pytest.fixture(scope="module")
-def epoch1_run(tmp_path_factory, data_dir):
-    """A finished 1-epoch run (copy it before changing it)."""
-    run = tmp_path_factory.mktemp("epoch1") / "run"
-    train.main([*TINY, "--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(run)])
-    return run
-
-
-@pytest.fixture(scope="module")
-def epoch2_run(tmp_path_factory, data_dir):
-    """The same run, 2 epochs straight."""
-    run = tmp_path_factory.mktemp("epoch2") / "run"
-    train.main([*TINY, "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)])
-    return run
+@pytest.fixture
+def run(run_copy):
+    """A private copy of the finished 1-epoch tiny run."""
+    return run_copy()
 
 
 @pytest.fixture
-def run(tmp_path, epoch1_run):
-    """A private copy of the 1-epoch run."""
-    return Path(shutil.copytree(epoch1_run, tmp_path / "run"))
+def epoch2_run(tiny_run):
+    """The same run, 2 epochs straight (shared: read-only)."""
+    return tiny_run(epochs=2)
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -167,10 +106,10 @@ HIDDEN = "expected comma-separated positive integers"
         ("--hidden-dims", "1.5", HIDDEN),
     ],
 )
-def test_bad_flag_is_a_usage_error(capsys, tmp_path, flag, value, allowed):
-    code, _, err = run_main(capsys, flag, value, "--out-dir", tmp_path / "run")
+def test_bad_flag_is_a_usage_error(scripts, tmp_path, flag, value, allowed):
+    code, _, err = run_main(scripts, flag, value, "--out-dir", tmp_path / "run")
     assert code == 2
-    the_error(err, flag, allowed)
+    scripts.the_error(err, flag, allowed)
     assert not (tmp_path / "run").exists()
 
 
@@ -178,12 +117,12 @@ def test_bad_flag_is_a_usage_error(capsys, tmp_path, flag, value, allowed):
     "device, present, says",
     [("cuda", torch.cuda.is_available, "no CUDA GPU"), ("mps", torch.backends.mps.is_available, "MPS")],
 )
-def test_absent_device_is_a_usage_error(capsys, tmp_path, device, present, says):
+def test_absent_device_is_a_usage_error(scripts, tmp_path, device, present, says):
     if present():
         pytest.skip(f"this machine has {device}")
-    code, _, err = run_main(capsys, "--device", device, "--out-dir", tmp_path / "run")
+    code, _, err = run_main(scripts, "--device", device, "--out-dir", tmp_path / "run")
     assert code == 2
-    the_error(err, f"--device {device}", says, "--device cpu")
+    scripts.the_error(err, f"--device {device}", says, "--device cpu")
     assert not (tmp_path / "run").exists()
 
 
@@ -210,7 +149,7 @@ def _flip_middle(path):
         ("t10k-labels-idx1-ubyte", True, _flip_middle, "is corrupt"),
     ],
 )
-def test_bad_data_stops_before_training(capsys, tmp_path, data_dir, monkeypatch, name, gz, damage, says):
+def test_bad_data_stops_before_training(scripts, tmp_path, data_dir, offline, tiny_run, name, gz, damage, says):
     """One IDX file missing or damaged (raw, or .gz with no raw copy), and no way to fetch it."""
     folder = data.raw_dir(tmp_path / "data")
     folder.mkdir(parents=True)
@@ -222,22 +161,17 @@ def test_bad_data_stops_before_training(capsys, tmp_path, data_dir, monkeypatch,
         shutil.copyfile(data.raw_dir(data_dir) / bad.name, bad)
         damage(bad)
 
-    def offline(into):
-        raise RuntimeError("no network in this test")
-
-    monkeypatch.setattr(data, "_fetch_torchvision", offline)
-    monkeypatch.setattr(data, "_fetch_npm", offline)
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *TINY, "--data-dir", tmp_path / "data", "--out-dir", out)
+    code, _, err = run_main(scripts, *tiny_run.argv(out, "--data-dir", tmp_path / "data"))
     assert code == 1
-    only_error(err, f"{bad} {says}", "no network in this test")
+    scripts.only_error(err, f"{bad} {says}", "no network in this test")
     assert not (out / "ckpt.pt").exists()
 
 
 # --------------------------------------------------------------------------------------------- atomic checkpoints
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(capsys, run, monkeypatch):
+def test_failed_checkpoint_write_keeps_the_previous_one(scripts, run, monkeypatch):
     """The disk fills up half-way through epoch 2's checkpoint: epoch 1's is still there, whole."""
     before = (run / "ckpt.pt").read_bytes()
 
@@ -246,10 +180,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(capsys, run, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", torn_save)
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     monkeypatch.undo()
     assert code == 1
-    only_error(err, "epoch 2", "No space left on device", "still holds epoch 1")
+    scripts.only_error(err, "epoch 2", "No space left on device", "still holds epoch 1")
     assert (run / "ckpt.pt").read_bytes() == before
     assert saved_epoch(run) == 1
     assert not (run / "ckpt.pt.tmp").exists()
@@ -279,20 +213,23 @@ train.main(sys.argv[1:])
 """
 
 
-def test_kill_during_checkpoint_write_then_resume(capsys, tmp_path, data_dir, epoch2_run):
+def test_kill_during_checkpoint_write_then_resume(scripts, tmp_path, tiny_run, epoch2_run):
     """SIGKILL half-way through epoch 2's checkpoint, after its log line: epoch 1's checkpoint loads, and
     --resume drops the orphaned log line, redoes epoch 2 and ends where a run without the crash ends."""
     run = tmp_path / "run"
-    args = [*TINY, "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)]
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SECOND_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", KILL_DURING_SECOND_SAVE, *tiny_run.argv(run, epochs=2)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert 0 < (run / "ckpt.pt.tmp").stat().st_size  # it did die in mid-write
     assert saved_epoch(run) == 1
     assert log_epochs(run) == [1, 2]  # epoch 2 was logged, not saved
 
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 0, err
     assert log_epochs(run) == [1, 2]
     assert log_records(run)[2]["test_loss"] == pytest.approx(log_records(epoch2_run)[2]["test_loss"], rel=1e-5)
@@ -350,16 +287,16 @@ BAD_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
-def test_bad_checkpoint_is_refused(capsys, run, kind):
+def test_bad_checkpoint_is_refused(scripts, run, kind):
     spoil, says = BAD_CHECKPOINTS[kind]
     spoil(run)
     with pytest.raises(CheckpointError, match="ckpt.pt") as refused:
         load_checkpoint(run / "ckpt.pt")
     assert says in str(refused.value) and "\n" not in str(refused.value)
 
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 1
-    only_error(err, "cannot resume", says)
+    scripts.only_error(err, "cannot resume", says)
     assert log_epochs(run) == [1]
 
 
@@ -373,14 +310,14 @@ def test_bad_checkpoint_is_refused(capsys, run, kind):
         (lambda state: state.update(rng={"cpu": torch.zeros(3)}), "random state"),
     ],
 )
-def test_bad_training_state_is_refused_on_resume(capsys, run, spoil, says):
+def test_bad_training_state_is_refused_on_resume(scripts, run, spoil, says):
     """The model part is fine (load_checkpoint accepts it), what --resume also needs is not."""
     state = _state(run)
     spoil(state)
     _save(run, state)
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 1
-    only_error(err, "cannot resume", says)
+    scripts.only_error(err, "cannot resume", says)
 
 
 class RunsCode:
@@ -421,7 +358,7 @@ def _unsafe_load(path):
     [(_write_plain_pickle, 2), (_write_plain_pickle, pickle.HIGHEST_PROTOCOL), (_write_torch_save, None)],
     ids=["pickle-protocol-2", "pickle-highest", "torch.save"],
 )
-def test_malicious_checkpoint_runs_no_code(capsys, tmp_path, run, write, protocol):
+def test_malicious_checkpoint_runs_no_code(scripts, tmp_path, run, write, protocol):
     # Control: the payload is real; loaded the unsafe way it does create its marker.
     control_marker = tmp_path / "control-marker"
     write(tmp_path / "control.pt", RunsCode(control_marker), run, protocol)
@@ -435,10 +372,10 @@ def test_malicious_checkpoint_runs_no_code(capsys, tmp_path, run, write, protoco
         with pytest.raises(CheckpointError, match="not a loadable checkpoint") as refused:
             load_checkpoint(run / "ckpt.pt")
         assert not marker.exists()
-        code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+        code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert not marker.exists()
     assert code == 1
-    only_error(err, "cannot resume", "not a loadable checkpoint")
+    scripts.only_error(err, "cannot resume", "not a loadable checkpoint")
     assert not warned, [str(w.message) for w in warned]
     if write is _write_torch_save:  # it says what was refused, not torch's advice to load with weights_only=False
         assert "GLOBAL posix.system" in str(refused.value) or "GLOBAL os.system" in str(refused.value)
@@ -474,7 +411,7 @@ def test_checkpoint_carries_the_checksums_of_its_tensors(capsys, run):
     assert capsys.readouterr().err == ""
 
 
-def test_a_bit_flipped_in_a_weight_is_refused_by_every_script(capsys, tmp_path, run):
+def test_a_bit_flipped_in_a_weight_is_refused_by_every_script(scripts, tmp_path, run):
     weight = _largest(_state(run)["model"])
     _flip_a_bit_of(run / "ckpt.pt", weight)
     damaged = (run / "ckpt.pt").read_bytes()
@@ -491,9 +428,9 @@ def test_a_bit_flipped_in_a_weight_is_refused_by_every_script(capsys, tmp_path, 
         (visualize.main, ["--checkpoint", run / "ckpt.pt", "--plots-dir", tmp_path / "plots", "--device", "cpu"]),
         (visualize.main, ["--compare", run / "ckpt.pt", run / "ckpt.pt", "--plots-dir", tmp_path / "plots"]),
     ]:
-        code, _, err = run_script(capsys, main, *argv)
+        code, _, err = scripts.run(main, *argv)
         assert code == 1
-        only_error(err, str(run / "ckpt.pt"), "checksum mismatch in its model weights", "another copy")
+        scripts.only_error(err, str(run / "ckpt.pt"), "checksum mismatch in its model weights", "another copy")
     assert (run / "ckpt.pt").read_bytes() == damaged and log_epochs(run) == [1]
     assert not (tmp_path / "plots").exists()
 
@@ -505,26 +442,26 @@ def test_a_bit_flipped_in_a_weight_is_refused_by_every_script(capsys, tmp_path, 
         ("rng", lambda state: state["rng"]["cpu"], "random-number state"),
     ],
 )
-def test_a_bit_flipped_in_the_training_state_is_refused_on_resume(capsys, run, part, tensor, says):
+def test_a_bit_flipped_in_the_training_state_is_refused_on_resume(scripts, run, part, tensor, says):
     _flip_a_bit_of(run / "ckpt.pt", tensor(_state(run)))
     damaged = (run / "ckpt.pt").read_bytes()
     load_checkpoint(run / "ckpt.pt")  # the model is intact: evaluate.py and visualize.py may use it
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 1
-    only_error(err, "cannot resume", str(run / "ckpt.pt"), f"checksum mismatch in its {says}")
+    scripts.only_error(err, "cannot resume", str(run / "ckpt.pt"), f"checksum mismatch in its {says}")
     assert (run / "ckpt.pt").read_bytes() == damaged and log_epochs(run) == [1]
 
 
-def test_checkpoint_without_checksums_is_refused_as_another_versions(capsys, run):
+def test_checkpoint_without_checksums_is_refused_as_another_versions(scripts, run):
     state = _state(run)
     del state["checksum"]
     _save(run, state)
     with pytest.raises(CheckpointError, match="another version of this code") as refused:
         load_checkpoint(run / "ckpt.pt")
     assert str(run / "ckpt.pt") in str(refused.value) and "\n" not in str(refused.value)
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 1
-    only_error(err, "cannot resume", "another version of this code")
+    scripts.only_error(err, "cannot resume", "another version of this code")
 
 
 @pytest.mark.parametrize("checksum", ["0" * 64, {"model": "0" * 64}, {"optimizer": "0" * 64}])
@@ -551,8 +488,8 @@ def test_tensor_digest_sees_every_value_name_dtype_and_shape_but_not_the_order_o
 # --------------------------------------------------------------------------------------------- --resume
 
 
-def test_resume_matches_a_straight_run(capsys, run, epoch2_run):
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+def test_resume_matches_a_straight_run(scripts, run, epoch2_run):
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 0, err
     assert log_epochs(run) == [1, 2]
     resumed, straight = log_records(run), log_records(epoch2_run)
@@ -566,26 +503,26 @@ def test_resume_matches_a_straight_run(capsys, run, epoch2_run):
         assert torch.allclose(weight, straight_state["model"][name], rtol=1e-6, atol=1e-7), name
 
 
-def test_resume_drops_log_lines_past_the_checkpoint(capsys, run, epoch2_run):
+def test_resume_drops_log_lines_past_the_checkpoint(scripts, run, epoch2_run):
     """A crash after epoch 2 was logged but before its checkpoint was replaced, the last line torn too."""
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "test_loss": 12345.0}) + "\n")
         f.write('{"epoch": 3, "train_lo')
-    code, _, err = run_main(capsys, "--resume", "--epochs", "2", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "2", "--out-dir", run)
     assert code == 0, err
     assert log_epochs(run) == [1, 2]
     assert log_records(run)[2]["test_loss"] == pytest.approx(log_records(epoch2_run)[2]["test_loss"], rel=1e-5)
 
 
-def test_new_run_refuses_an_existing_checkpoint(capsys, run, data_dir):
+def test_new_run_refuses_an_existing_checkpoint(scripts, run, tiny_run):
     ckpt, log = (run / "ckpt.pt").read_bytes(), (run / "log.jsonl").read_bytes()
-    args = [*TINY, "--latent-dim", "3", "--epochs", "1", "--data-dir", data_dir, "--out-dir", run]
-    code, _, err = run_main(capsys, *args)
+    args = tiny_run.argv(run, "--latent-dim", "3")
+    code, _, err = run_main(scripts, *args)
     assert code == 1
-    only_error(err, "already exists", "--resume", "--overwrite")
+    scripts.only_error(err, "already exists", "--resume", "--overwrite")
     assert (run / "ckpt.pt").read_bytes() == ckpt and (run / "log.jsonl").read_bytes() == log
 
-    code, _, err = run_main(capsys, *args, "--overwrite")
+    code, _, err = run_main(scripts, *args, "--overwrite")
     assert code == 0, err
     state, model = load_checkpoint(run / "ckpt.pt")
     assert state["epoch"] == 1 and model.config.latent_dim == 3
@@ -605,10 +542,10 @@ def _interrupt_call(monkeypatch, n):
     monkeypatch.setattr(train, "train_epoch", train_epoch)
 
 
-def test_overwrite_interrupted_leaves_no_mix_of_runs(capsys, run, data_dir, monkeypatch):
+def test_overwrite_interrupted_leaves_no_mix_of_runs(scripts, run, tiny_run, monkeypatch):
     """--overwrite stopped in its first epoch: the old checkpoint is gone with the old log, not resumable."""
     _interrupt_call(monkeypatch, 1)
-    code, _, err = run_main(capsys, *TINY, "--overwrite", "--epochs", "2", "--data-dir", data_dir, "--out-dir", run)
+    code, _, err = run_main(scripts, *tiny_run.argv(run, "--overwrite", epochs=2))
     assert code == 130
     assert len(err) == 1 and "interrupted during epoch 1" in err[0] and "no epoch had finished" in err[0], err
     assert not (run / "ckpt.pt").exists() and log_epochs(run) == []
@@ -617,10 +554,10 @@ def test_overwrite_interrupted_leaves_no_mix_of_runs(capsys, run, data_dir, monk
 # --------------------------------------------------------------------------------------------- Ctrl-C, NaN
 
 
-def test_ctrl_c_keeps_the_last_epoch(capsys, tmp_path, data_dir, monkeypatch):
+def test_ctrl_c_keeps_the_last_epoch(scripts, tmp_path, tiny_run, monkeypatch):
     _interrupt_call(monkeypatch, 2)
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, *TINY, "--epochs", "3", "--data-dir", data_dir, "--out-dir", run)
+    code, _, err = run_main(scripts, *tiny_run.argv(run, epochs=3))
     assert code == 130
     assert len(err) == 1, err
     assert "interrupted during epoch 2" in err[0] and "holds epoch 1" in err[0] and "--resume" in err[0]
@@ -629,23 +566,25 @@ def test_ctrl_c_keeps_the_last_epoch(capsys, tmp_path, data_dir, monkeypatch):
     assert not (run / "ckpt.pt.tmp").exists()
 
 
-def test_diverging_first_epoch_writes_no_checkpoint(capsys, tmp_path, data_dir):
+def test_diverging_first_epoch_writes_no_checkpoint(scripts, tmp_path, tiny_run):
     """--lr 1e6: Adam's first step moves every weight by ~1e6, the loss overflows within a few steps."""
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, *TINY, "--lr", "1e6", "--epochs", "2", "--data-dir", data_dir, "--out-dir", run)
+    code, _, err = run_main(scripts, *tiny_run.argv(run, "--lr", "1e6", epochs=2))
     assert code == 1
-    line = only_error(err, "NaN or infinite", "of epoch 1", "no checkpoint was written", "learning rate", "--lr")
+    line = scripts.only_error(
+        err, "NaN or infinite", "of epoch 1", "no checkpoint was written", "learning rate", "--lr"
+    )
     assert " step " in line
     assert not (run / "ckpt.pt").exists() and log_epochs(run) == []
 
 
-def test_diverging_later_epoch_keeps_the_last_good_checkpoint(capsys, run, monkeypatch):
+def test_diverging_later_epoch_keeps_the_last_good_checkpoint(scripts, run, monkeypatch):
     """Epoch 1 went well; in epoch 2 the learning rate jumps to 1e6 and the loss becomes NaN."""
     before = (run / "ckpt.pt").read_bytes()
     monkeypatch.setattr(train, "learning_rate", lambda config, epoch: 1e-3 if epoch == 1 else 1e6)
-    code, _, err = run_main(capsys, "--resume", "--epochs", "3", "--out-dir", run)
+    code, _, err = run_main(scripts, "--resume", "--epochs", "3", "--out-dir", run)
     assert code == 1
-    line = only_error(err, "NaN or infinite", "of epoch 2", "still holds epoch 1", "learning rate")
+    line = scripts.only_error(err, "NaN or infinite", "of epoch 2", "still holds epoch 1", "learning rate")
     assert " step " in line
     assert (run / "ckpt.pt").read_bytes() == before
     assert saved_epoch(run) == 1

@@ -12,16 +12,11 @@ import train
 from checkpoints import load_checkpoint
 from data import load_test_set
 
-TINY = ["--limit", "256", "--batch-size", "64", "--device", "cpu"]
+# The runs of this module: 1 epoch of 256 images in 4 steps of 64 (and the flags of each test).
+SLICE = ["--limit", "256", "--batch-size", "64"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fit(tmp_path, data_dir, *flags, name="run"):
-    out = tmp_path / name
-    train.main([*TINY, "--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(out), *flags])
-    return out
 
 
 def last_record(out):
@@ -61,10 +56,10 @@ def independent_terms(ckpt, data_dir, n_samples=20):
     ],
     ids=["mlp-cb", "mlp-bernoulli", "conv-bernoulli"],
 )
-def test_logged_test_loss_matches_an_independent_recomputation(tmp_path, data_dir, flags):
+def test_logged_test_loss_matches_an_independent_recomputation(tiny_run, data_dir, flags):
     """Each term on its own: the KL exactly (a KL counted twice, or not at all, fails even where it is 0.1 nats),
     the reconstruction term within 5 standard errors of its one-sample noise, and the loss as their sum."""
-    out = fit(tmp_path, data_dir, *flags)
+    out = tiny_run(*SLICE, *flags)
     logged = last_record(out)
     recon, standard_error, kl = independent_terms(out / "ckpt.pt", data_dir)
     assert kl > 0.02  # the KL is there to be checked
@@ -73,8 +68,8 @@ def test_logged_test_loss_matches_an_independent_recomputation(tmp_path, data_di
     assert logged["test_loss"] == pytest.approx(logged["test_recon"] + logged["test_kl"], rel=1e-6, abs=1e-4)
 
 
-def test_log_and_checkpoint_describe_the_run(tmp_path, data_dir):
-    out = fit(tmp_path, data_dir, "--hidden-dims", "32", "--latent-dim", "3")
+def test_log_and_checkpoint_describe_the_run(tiny_run):
+    out = tiny_run(*SLICE, "--hidden-dims", "32", "--latent-dim", "3")
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["epoch"] == 1
     assert state["model_config"]["latent_dim"] == 3 and list(state["model_config"]["hidden_dims"]) == [32]
@@ -84,11 +79,11 @@ def test_log_and_checkpoint_describe_the_run(tmp_path, data_dir):
     assert all(math.isfinite(record[key]) for key in ("train_loss", "test_loss", "test_recon", "test_kl"))
 
 
-def test_compiled_step_gives_the_same_test_loss(tmp_path, data_dir):
+def test_compiled_step_gives_the_same_test_loss(tiny_run):
     """--compile is a speed option only: the same seed gives the same numbers, up to float rounding."""
     flags = ["--hidden-dims", "32", "--likelihood", "bernoulli"]
-    plain = last_record(fit(tmp_path, data_dir, *flags, name="plain"))
-    compiled = last_record(fit(tmp_path, data_dir, *flags, "--compile", name="compiled"))
+    plain = last_record(tiny_run(*SLICE, *flags))
+    compiled = last_record(tiny_run(*SLICE, *flags, "--compile"))
     assert compiled["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-4)
     assert compiled["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
 

@@ -4,7 +4,6 @@ import matplotlib.image
 import pytest
 import torch
 
-import train
 import visualize
 
 FIVE_FIGURES = ("latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png", "training_curves.png")
@@ -64,36 +63,17 @@ def test_tile_keeps_images_upright_and_in_row_major_order():
 # --------------------------------------------------------------------------------------------- end to end
 
 
-def train_tiny(out_dir, data_dir, *model_args):
-    train.main(
-        [
-            "--epochs",
-            "1",
-            "--limit",
-            "512",
-            "--hidden-dims",
-            "32",
-            "--out-dir",
-            str(out_dir),
-            "--data-dir",
-            str(data_dir),
-            "--device",
-            "cpu",
-            *model_args,
-        ]
-    )
-    return out_dir / "ckpt.pt"
+@pytest.fixture
+def cb_checkpoint(tiny_run):
+    """A tiny CB run, 2-D latent (shared: read-only)."""
+    return tiny_run("--likelihood", "cb", "--latent-dim", "2") / "ckpt.pt"
 
 
-@pytest.fixture(scope="module")
-def cb_checkpoint(tmp_path_factory, data_dir):
-    return train_tiny(tmp_path_factory.mktemp("cb"), data_dir, "--latent-dim", "2", "--likelihood", "cb")
-
-
-@pytest.fixture(scope="module")
-def bernoulli_checkpoint(tmp_path_factory, data_dir):
-    args = ["--latent-dim", "5", "--likelihood", "bernoulli", "--arch", "conv", "--hidden-dims", "64"]
-    return train_tiny(tmp_path_factory.mktemp("bernoulli"), data_dir, *args)
+@pytest.fixture
+def bernoulli_checkpoint(tiny_run):
+    """A conv Bernoulli run, 4-D latent: 1 epoch of 512 images (shared: read-only)."""
+    flags = ["--arch", "conv", "--likelihood", "bernoulli", "--hidden-dims", "32", "--latent-dim", "4"]
+    return tiny_run(*flags, "--limit", "512", "--batch-size", "128") / "ckpt.pt"
 
 
 def assert_png(path, min_side=150):
@@ -104,7 +84,7 @@ def assert_png(path, min_side=150):
     assert image.ndim == 3 and min(image.shape[:2]) >= min_side
 
 
-@pytest.mark.parametrize("which", ["cb_checkpoint", "bernoulli_checkpoint"])  # 2-D latent; 5-D (the PCA path)
+@pytest.mark.parametrize("which", ["cb_checkpoint", "bernoulli_checkpoint"])  # 2-D latent; 4-D (the PCA path)
 def test_the_five_figures(which, request, tmp_path, capsys):
     checkpoint = request.getfixturevalue(which)
     visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path), "--device", "cpu"])
