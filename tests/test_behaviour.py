@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
+import manifold
 import train
 import visualize
 from data import PRIOR_SAMPLE_SEED, load_mnist, load_test_set
@@ -272,7 +273,7 @@ def test_figures_draw_the_decoder_mean(make_vae, likelihood):
     ((_, _, array),) = images_of(fig)
     assert_drawn(untiled(array), expected_mean(model, logits).reshape(10, 10, 28, 28), other_mean(model, logits))
 
-    fig = visualize.manifold_figure(model, visualize.latent_plane(torch.randn(50, 2)))
+    fig = visualize.manifold_figure(model, manifold.latent_plane(torch.randn(50, 2)))
     # Kingma & Welling's Fig. 4: z1 at the Gaussian quantiles (c + 1/2) / 20 along the columns, z2 along the rows,
     # growing upwards.
     q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(20) + 0.5) / 20)

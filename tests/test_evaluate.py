@@ -115,7 +115,7 @@ def test_bound_is_stable_for_very_negative_log_weights(make_vae, monkeypatch, dt
     for chunk in (None, 3, 7):  # chunks whose maxima differ are combined by a second logsumexp
         served = 0
 
-        def fake_log_weights(x, count, generator=None, posterior=None):
+        def fake_log_weights(x, count, generator=None, posterior=None, y=None):
             nonlocal served
             served += count
             return log_w[served - count : served].to(dtype)  # (count, n)

@@ -4,6 +4,7 @@ import matplotlib.image
 import pytest
 import torch
 
+import manifold
 import visualize
 
 FIVE_FIGURES = ("latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png", "training_curves.png")
@@ -13,12 +14,12 @@ FIVE_FIGURES = ("latent_scatter.png", "manifold_20x20.png", "reconstructions.png
 
 
 def test_manifold_grid_is_gaussian_quantiles_strictly_inside_the_unit_square():
-    u = visualize.grid_quantiles(20)
+    u = manifold.grid_quantiles(20)
     assert u.shape == (20,)
     assert (u > 0).all() and (u < 1).all()
     assert torch.allclose(u[1:] - u[:-1], torch.full((19,), 1 / 20))  # evenly spaced
 
-    grid = visualize.manifold_grid(20)
+    grid = manifold.manifold_grid(20)
     assert grid.shape == (20, 20, 2)
     a = torch.distributions.Normal(0.0, 1.0).icdf(u)
     assert torch.isfinite(grid).all()
@@ -36,7 +37,7 @@ def test_principal_plane_recovers_the_axes_of_largest_variance():
     mu[:, 3] += 3.0 * torch.randn(n, generator=generator)  # the leading direction: e_3, std 3
     mu[:, 1] += 1.0 * torch.randn(n, generator=generator)  # the second: e_1, std 1
 
-    center, directions, scales = visualize.principal_plane(mu)
+    center, directions, scales = manifold.principal_plane(mu)
 
     assert torch.allclose(center, offset, atol=0.15)
     assert torch.allclose(directions @ directions.T, torch.eye(2), atol=1e-5)
@@ -46,14 +47,14 @@ def test_principal_plane_recovers_the_axes_of_largest_variance():
 
 
 def test_latent_plane_is_the_latent_space_itself_in_two_dimensions():
-    center, directions, scales = visualize.latent_plane(torch.randn(100, 2) + 5)
+    center, directions, scales = manifold.latent_plane(torch.randn(100, 2) + 5)
     assert torch.equal(center, torch.zeros(2)) and torch.equal(directions, torch.eye(2))
     assert torch.equal(scales, torch.ones(2))
 
 
 def test_tile_keeps_images_upright_and_in_row_major_order():
     images = torch.arange(6 * 28 * 28, dtype=torch.float32).reshape(6, 1, 28, 28)
-    grid = visualize.tile(images, 2, 3)
+    grid = manifold.tile(images, 2, 3)
     assert grid.shape == (56, 84)
     for k in range(6):
         r, c = divmod(k, 3)

@@ -137,8 +137,8 @@ MUTANTS = [
     Mutant(
         "posterior-means-are-logvar",
         "scoring.posterior_means",
-        "model.encode(x)[0] for x",
-        "model.encode(x)[1] for x",
+        "model.encode(x, y)[0] for x, y",
+        "model.encode(x, y)[1] for x, y",
         [EVALUATE],
         "scoring",
     ),
@@ -162,17 +162,17 @@ MUTANTS = [
     # --- the figures: a CB decoder's images are its mean, not lambda
     Mutant(
         "figures-cb-as-lambda",
-        "visualize.decode_means",
-        "return model.mean(model.decode(z))",
-        "return torch.sigmoid(model.decode(z))",
+        "manifold.decode_means",
+        "return model.mean(model.decode(z, y))",
+        "return torch.sigmoid(model.decode(z, y))",
         [BEHAVIOUR],
         "figures",
     ),
     Mutant(
         "reconstructions-cb-as-lambda",
         "visualize.reconstructions_figure",
-        "recon = model.mean(reconstruct(model, x))",
-        "recon = torch.sigmoid(reconstruct(model, x))",
+        "recon = model.mean(reconstruct(",
+        "recon = torch.sigmoid(reconstruct(",
         [BEHAVIOUR],
         "figures",
     ),
@@ -398,7 +398,7 @@ MUTANTS = [
     ),
     Mutant(
         "batches-drop-last",
-        "data.batches",
+        "data.labelled_batches",
         "for start in range(0, n, batch_size):",
         "for start in range(0, n - batch_size + 1, batch_size):",
         [DATA],
@@ -484,14 +484,14 @@ MUTANTS = [
     Mutant(
         "no-output-bias-init",
         "train.start_run",
-        "    model.init_output_bias(train_images.mean(0))\n",
+        "    model.init_output_bias(data[0].mean(0))\n",
         "",
         [BEHAVIOUR, TRAIN],
         "train",
     ),
     Mutant(
         "rng-not-restored",
-        "train.resume_run",
+        "train.restore_training_state",
         "set_rng_state(state['rng'], device)",
         "state['rng']",
         [RELIABILITY],
@@ -568,9 +568,10 @@ def module_path(root, module):
 
 
 def split_target(target, root=ROOT):
-    """'model.VAE.loss' -> ('model', ['VAE', 'loss']): the longest prefix that names a module file of `root`."""
+    """'model.VAE.loss' -> ('model', ['VAE', 'loss']): the longest prefix that names a module file of `root`;
+    'train' -> ('train', []): the whole module (for what no name holds, such as an `if` at its top)."""
     parts = target.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
+    for cut in range(len(parts), 0, -1):
         if module_path(root, ".".join(parts[:cut])).is_file():
             return ".".join(parts[:cut]), parts[cut:]
     raise TargetError(f"{target}: no module of the repository holds it (give module.name)")
@@ -588,8 +589,9 @@ def _defines(node, name):
 
 
 def find_node(tree, names, target):
-    """The one statement of the module `tree` that the qualified name `names` (['VAE', 'loss']) defines."""
-    body, node = tree.body, None
+    """The one statement of the module `tree` that the qualified name `names` (['VAE', 'loss']) defines; the
+    module itself for no names."""
+    body, node = tree.body, tree
     for depth, name in enumerate(names):
         found = [n for n in body if _defines(n, name)]
         if len(found) != 1:
@@ -633,8 +635,10 @@ def mutated_source(mutant, root=ROOT):
         new_node = ast.parse(new_text).body
     except SyntaxError as e:
         raise TargetError(f"the mutated {mutant.target} does not parse: {e.msg}, line {e.lineno}") from None
-    if [ast.dump(n) for n in new_node] == [ast.dump(ast.parse(text).body[0])]:
+    if [ast.dump(n) for n in new_node] == [ast.dump(n) for n in ast.parse(text).body]:
         raise TargetError(f"the mutation changes nothing in {mutant.target}")
+    if isinstance(node, ast.Module):  # the whole module: its canonical text is the new file
+        return path, new_text + "\n"
     lines = source.splitlines(keepends=True)
     start, end = first_line(node) - 1, node.end_lineno  # the node's lines: lines[start:end]
     indent = lines[start][: node.col_offset]  # whitespace (ast's offsets count UTF-8 bytes)
@@ -701,7 +705,8 @@ def show(target):
         path, _, node = locate(target)
     except (TargetError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"# {target}: {path.relative_to(ROOT)}, lines {first_line(node)}-{node.end_lineno}")
+    where = "the whole module" if isinstance(node, ast.Module) else f"lines {first_line(node)}-{node.end_lineno}"
+    print(f"# {target}: {path.relative_to(ROOT)}, {where}")
     print(canonical(node))
 
 
