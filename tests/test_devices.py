@@ -127,22 +127,33 @@ def test_resume_onto_another_device_restores_the_random_state(run):
     assert resumed.epoch == 1
 
 
+@pytest.fixture
+def fake_generator(monkeypatch):
+    """fake_generator(kind): torch.cuda's or torch.mps's generator replaced by a fake that takes, as torch's does,
+    only a CPU ByteTensor; returns the states it was set to."""
+
+    def install(kind):
+        restored = []
+
+        def set_rng_state(new_state, *args, **kwargs):
+            if new_state.device.type != "cpu" or new_state.dtype != torch.uint8:
+                raise TypeError("RNG state must be a torch.ByteTensor")
+            restored.append(new_state.clone())
+
+        backend = getattr(torch, kind)
+        monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: torch.arange(40, dtype=torch.uint8))
+        monkeypatch.setattr(backend, "set_rng_state", set_rng_state)
+        return restored
+
+    return install
+
+
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
-def test_device_random_state_is_saved_and_restored(run, monkeypatch, kind):
+def test_device_random_state_is_saved_and_restored(run, fake_generator, kind):
     """A run on CUDA or MPS saves its device generator's state beside the CPU's, and --resume restores both:
     loaded onto the device (the meta device standing in), the states still reach torch as CPU ByteTensors."""
-    backend = getattr(torch, kind)
-    device_state = torch.arange(40, dtype=torch.uint8)
-    restored = []
-
-    def set_rng_state(new_state, *args, **kwargs):  # what torch.cuda / torch.mps accept: a CPU ByteTensor
-        if new_state.device.type != "cpu" or new_state.dtype != torch.uint8:
-            raise TypeError("RNG state must be a torch.ByteTensor")
-        restored.append(new_state.clone())
-
-    monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: device_state.clone())
-    monkeypatch.setattr(backend, "set_rng_state", set_rng_state)
-    device = torch.device(kind)
+    restored = fake_generator(kind)
+    device, device_state = torch.device(kind), torch.arange(40, dtype=torch.uint8)
 
     state = torch.load(run / "ckpt.pt", weights_only=True)
     state["rng"] = train.rng_state(device)
@@ -154,3 +165,35 @@ def test_device_random_state_is_saved_and_restored(run, monkeypatch, kind):
     train.set_rng_state(loaded["rng"], device)
     assert len(restored) == 1 and torch.equal(restored[0], device_state)
     assert torch.equal(torch.get_rng_state(), state["rng"]["cpu"])
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_a_checkpoint_written_on_the_cpu_resumes_on_an_accelerator(run, monkeypatch, fake_generator, kind):
+    """train.resume_run with --device cuda / mps on a checkpoint whose random state holds the CPU's generator
+    only (the meta device holds the model and data): the CPU's state is restored, the device's generator is
+    left as it is (there is nothing of it to restore), and nothing fails."""
+    restored = fake_generator(kind)
+    real_load_checkpoint, real_load_data = train.load_checkpoint, train.load_data
+    monkeypatch.setattr(train, "load_checkpoint", lambda path, device: real_load_checkpoint(path, META))
+    monkeypatch.setattr(train, "load_data", lambda config, device: real_load_data(config, META))
+    saved = torch.load(run / "ckpt.pt", weights_only=True)
+    assert set(saved["rng"]) == {"cpu"}
+    torch.manual_seed(12345)
+    resumed = train.resume_run(run, torch.device(kind), {"epochs": 2})
+    assert resumed.epoch == 1 and resumed.device.type == kind
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"]) and restored == []
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_a_checkpoint_written_on_an_accelerator_resumes_on_the_cpu(run, fake_generator, kind):
+    """The reverse: a random state with the device's generator beside the CPU's resumes on the CPU, which
+    restores its own and trains on."""
+    fake_generator(kind)
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    state["rng"] = train.rng_state(torch.device(kind))  # as a run on that device saves it
+    save_checkpoint(run / "ckpt.pt", state)
+    torch.manual_seed(12345)
+    resumed = train.resume_run(run, torch.device("cpu"), {"epochs": 2})
+    assert torch.equal(torch.get_rng_state(), state["rng"]["cpu"])
+    train.fit(resumed)
+    assert resumed.epoch == 2

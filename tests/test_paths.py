@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import bench
+import cli
 import data
 import evaluate
 import files
@@ -457,7 +459,7 @@ def test_unusable_data_dir_is_one_line(scripts, tmp_path, refuse, offline, data_
     code, _, err = run_script(scripts, script, *argv, "--data-dir", path)
     assert code == 1
     scripts.only_error(err, str(path), advice)
-    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "plots").exists()  # no folder made for nothing
     if files_before is not None:  # the links are all there, and no half-unpacked file was left
         assert sorted(p.name for p in data.raw_dir(path).iterdir()) == files_before
 
@@ -598,6 +600,59 @@ def test_a_real_sigint_while_loading_is_one_line_and_status_130(scripts, tmp_pat
     )
     assert done.returncode == 130, done.stderr
     assert scripts.shown_lines(done.stderr) == ["interrupted (Ctrl-C)"]
+
+
+SIGINT_WHILE_IMPORTING = """
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a program started from a terminal
+sys.path.insert(0, os.getcwd())
+
+class CtrlCDuringImport:  # Ctrl-C, as the terminal sends it, while the script imports torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        return None
+
+sys.meta_path.insert(0, CtrlCDuringImport())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_real_sigint_while_importing_torch_is_one_line_and_status_130(scripts, script):
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_WHILE_IMPORTING, f"{script}.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, done.stderr
+    assert scripts.shown_lines(done.stderr) == ["interrupted (Ctrl-C)"] and done.stdout == ""
+
+
+def test_a_script_started_with_ctrl_c_ignored_leaves_it_ignored():
+    """A background job of a non-interactive shell starts with SIGINT ignored, and a script keeps it so; from the
+    handler a script sets while it imports torch, cli.script hands Ctrl-C back to KeyboardInterrupt."""
+    seen = []
+    main = cli.script(lambda: seen.append(signal.getsignal(signal.SIGINT)))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        main()
+        signal.signal(signal.SIGINT, lambda *_: None)  # as the top of a script sets it
+        main()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == [signal.SIG_IGN, signal.default_int_handler]
+
+
+def test_resume_with_out_dir_a_file_names_the_file(scripts, tmp_path):
+    code, _, err = run_script(scripts, "train", "--resume", "--out-dir", a_file(tmp_path / "run"), "--device", "cpu")
+    assert code == 1
+    scripts.only_error(err, "cannot resume", f"--out-dir {tmp_path / 'run'} is a file, not a folder")
 
 
 # --------------------------------------------------------------------------------------------- as a user

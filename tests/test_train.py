@@ -127,3 +127,13 @@ def test_bench_measures_all_three_in_one_run(tmp_path, data_dir):
     assert r["speedup"] == pytest.approx(r["images_per_s"] / r["baseline_images_per_s"])
     assert r["gemm_bound_fraction"] == pytest.approx(r["images_per_s"] / r["gemm_bound_images_per_s"])
     assert r["device"] == "cpu" and r["n_train"] == 256
+
+
+@pytest.mark.parametrize(
+    "flag, says", [("--arch conv", "counts the products of Linear layers only"), ("--conditional", "unconditional")]
+)
+def test_bench_refuses_what_its_loops_do_not_measure(capsys, data_dir, flag, says):
+    tiny = ["--limit", "64", "--epochs", "1", "--eval-k", "2", "--eval-images", "2", "--data-dir", str(data_dir)]
+    with pytest.raises(SystemExit) as stopped:  # (refused or not, it is over in seconds)
+        bench.main(["--device", "cpu", *tiny, "--hidden-dims", "16", *flag.split()])
+    assert stopped.value.code == 2 and says in capsys.readouterr().err

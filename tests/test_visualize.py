@@ -6,6 +6,8 @@ import torch
 
 import manifold
 import visualize
+from checkpoints import load_checkpoint
+from data import load_test_set
 
 FIVE_FIGURES = ("latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png", "training_curves.png")
 
@@ -93,6 +95,30 @@ def test_the_five_figures(which, request, tmp_path, capsys):
         assert_png(tmp_path / name, min_side=100 if name == "reconstructions.png" else 150)
     printed = capsys.readouterr().out
     assert all(str(tmp_path / name) in printed for name in FIVE_FIGURES)
+
+
+@pytest.mark.parametrize("which, pixels", [("cb_checkpoint", "dequantized"), ("bernoulli_checkpoint", "binary")])
+def test_the_figures_encode_the_test_images_as_the_model_was_trained_on_them(
+    which, pixels, request, tmp_path, monkeypatch
+):
+    """The latent scatter, the principal plane and the reconstructions encode the test set presented as in training
+    (binarized for a Bernoulli model, dequantized for a CB one), with the fixed seed of the scored split: the very
+    images train.py scored, never the grey levels."""
+    checkpoint = request.getfixturevalue(which)
+    state, _ = load_checkpoint(checkpoint)
+    assert state["train_config"]["pixels"] == pixels
+    encoded, shown = [], []
+    real_means, real_recon = visualize.posterior_means, visualize.reconstructions_figure
+    monkeypatch.setattr(
+        visualize, "posterior_means", lambda m, x, *a, **k: encoded.append(x) or real_means(m, x, *a, **k)
+    )
+    monkeypatch.setattr(visualize, "reconstructions_figure", lambda m, x, *a: shown.append(x) or real_recon(m, x, *a))
+    visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path), "--device", "cpu"])
+    expected, _ = load_test_set(state["train_config"]["data_dir"], pixels, "cpu")
+    grey, _ = load_test_set(state["train_config"]["data_dir"], "grey", "cpu")
+    assert len(encoded) == 1 and len(shown) == 1
+    for images in (encoded[0], shown[0]):
+        assert torch.equal(images, expected) and not torch.equal(images, grey)
 
 
 @pytest.mark.parametrize("log", [None, "", "not json\n", '{"epoch": 1}\n', "[1, 2]\n"])

@@ -42,6 +42,8 @@ PATHS = "tests/test_paths.py"
 RELIABILITY = "tests/test_reliability.py"
 TRAIN = "tests/test_train.py"
 VISUALIZE = "tests/test_visualize.py"
+CONDITIONAL = "tests/test_conditional.py"
+EXACT = "tests/test_exact.py"
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Mutant:
     old: str  # in the target's canonical text (--show), exactly once
     new: str
     tests: list = field(default_factory=list)
-    group: str = ""  # loop, scoring, optimizer, figures, bench, devices, model, data, train
+    group: str = ""  # loop, scoring, optimizer, figures, bench, devices, model, data, train, conditional, exact
     note: str = ""  # why it survives: a change that no test can see
 
 
@@ -551,6 +553,114 @@ MUTANTS = [
         "if False:",
         [BEHAVIOUR],
         "train",
+    ),
+    # --- where a run stops, resumes and starts: devices, Ctrl-C, paths
+    Mutant(
+        "resume-needs-the-device-state",
+        "train.set_rng_state",
+        "if device.type in ('cuda', 'mps') and device.type in state:",
+        "if device.type in ('cuda', 'mps'):",
+        [DEVICES],
+        "devices",
+    ),
+    Mutant(
+        "figures-from-grey-levels",
+        "visualize.plot_all",
+        "load_test_set(data_dir, state['train_config']['pixels'], device, limit=None)",
+        "load_test_set(data_dir, 'grey', device, limit=None)",
+        [VISUALIZE],
+        "figures",
+    ),
+    Mutant(
+        "ctrl-c-while-importing-torch",
+        "train",
+        "signal.signal(signal.SIGINT, lambda *_: sys.exit(print('\\ninterrupted (Ctrl-C)', file=sys.stderr) or 130))",
+        "pass",
+        [PATHS],
+        "train",
+    ),
+    Mutant(
+        "ignored-ctrl-c-taken-back",
+        "cli.script",
+        "if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:",
+        "if True:",
+        [PATHS],
+        "train",
+    ),
+    Mutant("empty-out-dir-left", "files.output_dir", "folder.rmdir()", "pass", [PATHS], "data"),
+    Mutant(
+        "resume-from-a-file-unnamed",
+        "train.resume_run",
+        "if Path(out_dir).exists() and (not Path(out_dir).is_dir()):",
+        "if False:",
+        [PATHS],
+        "train",
+    ),
+    Mutant("bench-times-conv", "bench.main", "if config.arch == 'conv':", "if False:", [TRAIN], "bench"),
+    # --- the conditional VAE, KL warm-up, the film; the exact likelihood of a 2-D model
+    Mutant(
+        "label-ignored",
+        "model.VAE.with_label",
+        "torch.cat([h, one_hot.expand(*h.shape[:-1], N_CLASSES)], dim=-1)",
+        "torch.cat([h, 0 * one_hot.expand(*h.shape[:-1], N_CLASSES)], dim=-1)",
+        [CONDITIONAL],
+        "conditional",
+    ),
+    Mutant(
+        "labels-not-shuffled",
+        "data.labelled_batches",
+        "None if labels is None else labels[index]",
+        "None if labels is None else labels[start:start + batch_size]",
+        [CONDITIONAL],
+        "conditional",
+    ),
+    Mutant(
+        "marginal-is-a-mean",
+        "scoring.conditional_scores",
+        "torch.logsumexp(log_px_y, dim=1) - math.log(N_CLASSES)",
+        "log_px_y.mean(dim=1)",
+        [CONDITIONAL],
+        "conditional",
+    ),
+    Mutant(
+        "warm-up-a-step-late",
+        "train.kl_weights",
+        "torch.arange(1, n_steps + 1, dtype=torch.float64)",
+        "torch.arange(n_steps, dtype=torch.float64)",
+        [CONDITIONAL],
+        "conditional",
+    ),
+    Mutant(
+        "frames-kept-past-the-checkpoint",
+        "train.drop_what_is_past",
+        "if int(frame_path.stem) > epoch:",
+        "if int(frame_path.stem) > epoch + 1:",
+        [CONDITIONAL],
+        "conditional",
+    ),
+    Mutant(
+        "grid-not-widened",
+        "scoring.posterior_grid",
+        "half_width = 2 * half_width",
+        "break",
+        [EXACT],
+        "exact",
+    ),
+    Mutant(
+        "trapezoid-spacing",
+        "scoring.PosteriorGrid.log_weights",
+        "(z[-1] - z[0]).item() / (len(z) - 1)",
+        "(z[-1] - z[0]).item() / len(z)",
+        [EXACT],
+        "exact",
+    ),
+    Mutant(
+        "kl-on-the-joint",
+        "scoring.PosteriorGrid.kl_from",
+        "(log_q - self.log_posterior)",
+        "(log_q - self.log_joint)",
+        [EXACT],
+        "exact",
     ),
 ]
 
