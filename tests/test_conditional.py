@@ -8,7 +8,6 @@ and a resumed warm-up; the frames of the film, dropped past a resumed epoch; and
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -22,28 +21,21 @@ import visualize
 from checkpoints import load_checkpoint
 from data import labelled_batches, load_train_set
 from manifold import class_grid_images, prior_z
-from model import VAE, VAEConfig
+from model import VAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--limit", "256", "--batch-size", "64", "--hidden-dims", "32", "--latent-dim", "2", "--device", "cpu"]
 F64 = torch.float64
 
 
-def conditional_vae(arch="mlp", seed=0, latent_dim=3):
-    torch.manual_seed(seed)
-    config = VAEConfig(latent_dim=latent_dim, arch=arch, hidden_dims=(16,), conditional=True)
-    return VAE(config).double().eval()
+@pytest.fixture
+def conditional_vae(make_vae):
+    """conditional_vae(arch="mlp", latent_dim=3): a small untrained conditional VAE, in float64."""
+    return lambda arch="mlp", latent_dim=3: make_vae(latent_dim=latent_dim, arch=arch, conditional=True).double()
 
 
 def images(n, seed=1):
     return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3, dtype=F64), generator=torch.Generator().manual_seed(seed))
-
-
-def run_train(tmp_path, data_dir, name, *flags):
-    out = tmp_path / name
-    train.main([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out)])
-    return out
 
 
 def log_records(out):
@@ -55,7 +47,7 @@ def log_records(out):
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @torch.no_grad()
-def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(arch):
+def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(conditional_vae, arch):
     """log w = log p(x|z, y) + log p(z) - log q(z|x, y) with the one-hot label y beside the image and the code."""
     vae, x, k = conditional_vae(arch), images(3), 4
     y = torch.tensor([7, 7, 7])
@@ -80,16 +72,15 @@ def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(arc
         vae.encode(x)
 
 
-def test_a_label_morph_at_its_ends_is_the_label():
+def test_a_label_morph_at_its_ends_is_the_label(conditional_vae):
     vae, z = conditional_vae(), torch.randn(4, 3, dtype=F64)
     y = torch.tensor([2, 5, 5, 9])
     weights = torch.nn.functional.one_hot(y, 10).to(F64)
     torch.testing.assert_close(vae.decode(z, weights), vae.decode(z, y), rtol=0, atol=0)
 
 
-def test_an_unconditional_model_ignores_labels():
-    torch.manual_seed(0)
-    vae, x = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,))).double(), images(2)
+def test_an_unconditional_model_ignores_labels(make_vae):
+    vae, x = make_vae().double(), images(2)
     assert torch.equal(vae.encode(x)[0], vae.encode(x, torch.tensor([3, 4]))[0])
 
 
@@ -111,7 +102,7 @@ def test_labels_travel_with_their_images_through_shuffling():
     assert (seen == 1).all()
 
 
-def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, data_dir, monkeypatch):
+def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, data_dir, tiny_run, monkeypatch):
     """A conditional run: every batch VAE.loss sees comes with the labels of its very images (found by matching
     each presented image against the training set it was drawn from)."""
     seen = []
@@ -122,25 +113,24 @@ def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, d
         return real_loss(self, x, *args, y=y, **kwargs)
 
     monkeypatch.setattr(VAE, "loss", loss)
-    run_train(tmp_path, data_dir, "run", "--conditional", "--pixels", "grey", "--epochs", "1")
-    grey, labels = load_train_set(data_dir, "cpu", 256)
+    tiny_run.train(tmp_path / "run", "--conditional", "--pixels", "grey")
+    grey, labels = load_train_set(data_dir, "cpu", 128)
     flat = grey.flatten(1)
     for x, y in seen:
         match = (x.flatten(1)[:, None, :] == flat[None]).all(-1)  # (B, 256): which training image each is
         assert (match.sum(1) >= 1).all()
         assert torch.equal(y, labels[match.float().argmax(1)])
-    assert sum(len(y) for _, y in seen) == 256
+    assert sum(len(y) for _, y in seen) == 128
 
 
 # --------------------------------------------------------------------------------------------- the classifier
 
 
 @torch.no_grad()
-def test_the_generative_classifier_on_a_model_whose_decoder_ignores_z():
+def test_the_generative_classifier_on_a_model_whose_decoder_ignores_z(make_vae):
     """With q(z|x, y) = p(z) and p(x|z, y) = p(x|y), every importance weight is p(x|y): L_k(x|y) = log p(x|y)
     exactly, and argmax_y L_k(x|y) is the label whose template explains x best."""
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(10,), conditional=True)).double().eval()
+    vae = make_vae(hidden_dims=(10,), activation="relu", conditional=True).double()
     templates = torch.randn(10, 784, dtype=F64) * 2  # each digit's logits
     for p in vae.parameters():
         p.zero_()  # the encoder: mu = logvar = 0, q = N(0, I) = p(z)
@@ -174,33 +164,31 @@ def test_the_conditional_nll_is_at_most_log_10_below_the_marginal():
 # --------------------------------------------------------------------------------------------- end to end
 
 
+CONDITIONAL = ("--conditional", "--frames", "--latent-dim", "2")
+
+
 @pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory, data_dir):
-    """A conditional 2-D run, 2 epochs with frames, and the same run as 1 epoch then --resume to 2."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("conditional")
-    flags = [*TINY, "--conditional", "--frames", "--data-dir", str(data_dir)]
-    train.main([*flags, "--epochs", "2", "--out-dir", str(root / "straight")])
-    train.main([*flags, "--epochs", "1", "--out-dir", str(root / "resumed")])
-    train.main(["--resume", "--epochs", "2", "--out-dir", str(root / "resumed"), "--device", "cpu"])
-    torch.set_num_threads(before)
-    return root
+def conditional_run(tmp_path_factory, tiny_run, one_thread_for_the_module):
+    """A conditional 2-D run, 2 epochs with frames (shared: read-only), and the same run as 1 epoch then --resume
+    to 2: {"straight": its out dir, "resumed": ...}."""
+    resumed = tiny_run.train(tmp_path_factory.mktemp("conditional") / "resumed", *CONDITIONAL, epochs=1)
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
+    return {"straight": tiny_run(*CONDITIONAL, epochs=2), "resumed": resumed}
 
 
 def test_conditional_training_resumes_bit_exactly(conditional_run):
-    straight, resumed = log_records(conditional_run / "straight"), log_records(conditional_run / "resumed")
+    straight, resumed = log_records(conditional_run["straight"]), log_records(conditional_run["resumed"])
     for a, b in zip(straight, resumed, strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     (a, _), (b, _) = (
-        load_checkpoint(conditional_run / "straight" / "ckpt.pt"),
-        load_checkpoint(conditional_run / "resumed" / "ckpt.pt"),
+        load_checkpoint(conditional_run["straight"] / "ckpt.pt"),
+        load_checkpoint(conditional_run["resumed"] / "ckpt.pt"),
     )
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
 
 
 def test_a_conditional_checkpoint_is_evaluated_and_drawn_with_no_flag_saying_so(conditional_run, tmp_path):
-    ckpt = conditional_run / "straight" / "ckpt.pt"
+    ckpt = conditional_run["straight"] / "ckpt.pt"
     results = evaluate.main(["--checkpoint", str(ckpt), "--k", "4", "--limit", "64", "--exact-images", "2"])
     assert {"test_nll", "test_nll_marginal", "classifier_accuracy", "classifier_k", "test_nll_exact"} <= results.keys()
     assert results["classifier_k"] == 4 and 0 <= results["classifier_accuracy"] <= 1
@@ -211,10 +199,10 @@ def test_a_conditional_checkpoint_is_evaluated_and_drawn_with_no_flag_saying_so(
     assert "manifold_20x20.png" not in drawn
 
 
-def test_frames_past_a_resumed_epoch_are_dropped(conditional_run, tmp_path):
+def test_frames_past_a_resumed_epoch_are_dropped(run_copy):
     """As if the run had stopped after epoch 3's frame was saved but before its checkpoint: the resume drops it
     (and would make it anew), as it drops the log line of that epoch."""
-    run = shutil.copytree(conditional_run / "straight", tmp_path / "run")
+    run = run_copy(*CONDITIONAL, epochs=2)
     assert sorted(p.name for p in (run / "frames").iterdir()) == ["0001.png", "0002.png"]
     first = (run / "frames" / "0001.png").read_bytes()
     (run / "frames" / "0003.png").write_bytes(b"a frame of an epoch the checkpoint never saw")
@@ -226,7 +214,7 @@ def test_frames_past_a_resumed_epoch_are_dropped(conditional_run, tmp_path):
 def test_the_film_plays_one_frame_per_epoch(conditional_run, tmp_path):
     from PIL import Image
 
-    visualize.write_film(conditional_run / "straight" / "frames", tmp_path / "film.gif")
+    visualize.write_film(conditional_run["straight"] / "frames", tmp_path / "film.gif")
     with Image.open(tmp_path / "film.gif") as film:
         assert film.n_frames == 2 and film.info["loop"] == 0
 
@@ -244,24 +232,23 @@ def test_the_kl_weight_rises_linearly_per_step_to_beta():
     assert torch.equal(train.kl_weights(train.TrainConfig(beta=0.5), 7, n), torch.full((n,), 0.5))
 
 
-def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, data_dir):
-    flags = ["--kl-warmup", "3"]
-    straight = run_train(tmp_path, data_dir, "straight", *flags, "--epochs", "2")
-    resumed = run_train(tmp_path, data_dir, "resumed", *flags, "--epochs", "1")
+def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, tiny_run, one_thread):
+    straight = tiny_run("--kl-warmup", "3", epochs=2)
+    resumed = tiny_run.train(tmp_path / "resumed", "--kl-warmup", "3", epochs=1)
     train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
     a, b = log_records(straight), log_records(resumed)
     assert [r["kl_weight"] for r in a] == pytest.approx([1 / 3, 2 / 3])
     for x, y in zip(a, b, strict=True):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
-    plain = log_records(run_train(tmp_path, data_dir, "plain", "--epochs", "2"))
+    plain = log_records(tiny_run(epochs=2))
     assert plain[0]["kl_weight"] == 1.0 and plain[0]["train_loss"] != a[0]["train_loss"]
     # the test loss stays the plain -ELBO: recon + KL at weight 1
     assert a[-1]["test_loss"] == pytest.approx(a[-1]["test_recon"] + a[-1]["test_kl"], rel=1e-6)
 
 
-def test_warm_up_is_refused_for_the_iwae_objective(capsys):
+def test_warm_up_is_refused_for_the_iwae_objective(capsys, tiny_run, tmp_path):
     with pytest.raises(SystemExit) as stopped:
-        train.main([*TINY, "--objective", "iwae", "--k", "2", "--kl-warmup", "2"])
+        train.main(tiny_run.argv(tmp_path / "run", "--objective", "iwae", "--k", "2", "--kl-warmup", "2"))
     assert stopped.value.code == 2 and "--kl-warmup" in capsys.readouterr().err
 
 
@@ -278,7 +265,7 @@ def tiles(array, side=28):
 
 
 @torch.no_grad()
-def test_the_class_grid_and_the_analogies_draw_the_requested_digit():
+def test_the_class_grid_and_the_analogies_draw_the_requested_digit(conditional_vae):
     vae = conditional_vae(latent_dim=2).float()
     (grid,) = images_of(visualize.class_grid_figure(vae))
     z = prior_z(10, 2, "cpu")
@@ -298,9 +285,8 @@ def test_the_class_grid_and_the_analogies_draw_the_requested_digit():
 
 @pytest.mark.parametrize("conditional", [False, True])
 @torch.no_grad()
-def test_the_interpolation_runs_between_the_posterior_means_of_two_different_digits(conditional):
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,), conditional=conditional)).eval()
+def test_the_interpolation_runs_between_the_posterior_means_of_two_different_digits(make_vae, conditional):
+    vae = make_vae(conditional=conditional)
     x, y = images(20).float(), torch.tensor([7, 7, 2, 1, 1, 0, 4, 4, 4, 9, 5, 5, 3, 8, 8, 6, 2, 2, 0, 1])
     pairs = visualize.pairs_of_different_digits(y)
     assert pairs == [(0, 2), (3, 5), (6, 9), (10, 12), (13, 15)]

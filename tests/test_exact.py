@@ -14,25 +14,20 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 import evaluate
 import scoring
-import train
 from checkpoints import load_checkpoint
 from data import load_test_set
-from model import VAE, VAEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_2D = ["--latent-dim", "2", "--hidden-dims", "32", "--batch-size", "64", "--limit", "2048", "--device", "cpu"]
+TRAINED_2D = ("--latent-dim", "2", "--batch-size", "64", "--limit", "2048")  # after conftest's TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """A 2-D Bernoulli model trained for 3 epochs on 2048 images, and its first 20 test images as scored."""
-    out = tmp_path_factory.mktemp("exact") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train.main([*TINY_2D, "--epochs", "3", "--data-dir", str(data_dir), "--out-dir", str(out)])
-    torch.set_num_threads(before)
+def trained(tiny_run, data_dir):
+    """A 2-D Bernoulli model trained for 3 epochs on 2048 images (shared: read-only), and its first 20 test
+    images as scored."""
+    out = tiny_run(*TRAINED_2D, epochs=3)
     state, model = load_checkpoint(out / "ckpt.pt")
     x, _ = load_test_set(data_dir, state["train_config"]["pixels"], "cpu", 20)
     return out, model, x
@@ -60,10 +55,9 @@ def brute_force_log_px(model, x, half_width=5.0, n=401):
 
 
 @pytest.fixture
-def constant_decoder():
+def constant_decoder(make_vae):
     """A 2-D model whose decoder's logits do not depend on z, with q far from the prior (mu = 3, sigma = 0.1)."""
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,)))
+    model = make_vae(latent_dim=2)
     with torch.no_grad():
         for p in model.decoder.parameters():
             p.zero_()
@@ -168,10 +162,8 @@ def test_evaluate_reports_the_exact_nll_of_a_2d_model(trained, tmp_path):
     assert sampled > written["test_nll_exact"]
 
 
-def test_evaluate_reports_no_exact_nll_above_two_dimensions(tmp_path, data_dir):
-    out = tmp_path / "run"
-    flags = [*TINY_2D, "--latent-dim", "3", "--limit", "128", "--epochs", "1"]
-    train.main([*flags, "--data-dir", str(data_dir), "--out-dir", str(out)])
+def test_evaluate_reports_no_exact_nll_above_two_dimensions(tiny_run):
+    out = tiny_run("--latent-dim", "3")
     results = evaluate.main(["--checkpoint", str(out / "ckpt.pt"), "--k", "2", "--limit", "10", "--device", "cpu"])
     assert "test_nll_exact" not in results and "exact_n_images" not in results
     with pytest.raises(ValueError, match="2-D latent"):
