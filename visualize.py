@@ -79,7 +79,7 @@ def reconstruct(model, x, y=None):
 # a notebook shows it.
 
 
-def latent_scatter_figure(mu, labels, plane):
+def latent_scatter_figure(mu, labels, plane, conditional=False):
     center, directions, _ = plane
     d = mu.shape[1]
     points = ((mu - center) @ directions.T).cpu()  # (N, 2)
@@ -89,7 +89,8 @@ def latent_scatter_figure(mu, labels, plane):
     handles, names = scatter.legend_elements(fmt="{x:.0f}")
     ax.legend(handles, names, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     if d == 2:
-        ax.set(title="Test set: posterior means of q(z|x)", xlabel="$z_1$", ylabel="$z_2$")
+        posterior = "q(z|x, y)" if conditional else "q(z|x)"
+        ax.set(title=f"Test set: posterior means of {posterior}", xlabel="$z_1$", ylabel="$z_2$")
         ax.set_aspect("equal")
     else:
         ax.set(
@@ -179,8 +180,12 @@ def interpolation_figure(model, images, labels):
         rows += [torch.cat([x[:1], between, x[1:]]) for between in steps]  # the two test images at the ends
     fig = Figure(figsize=(8, 0.75 * len(rows) + 0.8))
     ax = fig.subplots()
-    kind = "codes and labels" if model.config.conditional else "posterior means"
-    show_rows(ax, rows, names, f"Interpolation: E[x|z] along the straight line between two {kind}")
+    kind = (
+        "E[x|z, y] along the straight line between two codes and labels"
+        if model.config.conditional
+        else ("E[x|z] along the straight line between two posterior means")
+    )
+    show_rows(ax, rows, names, f"Interpolation: {kind}")
     fig.tight_layout()
     return fig
 
@@ -399,7 +404,7 @@ def plot_all(state, model, data_dir, run_dir, device, plots_dir):
     if model.config.latent_dim >= 2:
         mu = posterior_means(model, images, labels=labels)  # (N, d)
         plane = latent_plane(mu)
-        save(latent_scatter_figure(mu, labels, plane), plots_dir / "latent_scatter.png")
+        save(latent_scatter_figure(mu, labels, plane, model.config.conditional), plots_dir / "latent_scatter.png")
         if not model.config.conditional:
             save(manifold_figure(model, plane), plots_dir / f"manifold_{MANIFOLD_SIDE}x{MANIFOLD_SIDE}.png")
     else:
