@@ -34,9 +34,9 @@ import train
 from cli import (
     add_config_args,
     add_device_arg,
-    check_json_flag,
+    add_json_arg,
     config_from_args,
-    pick_device,
+    parse,
     positive_int,
     script,
     write_results,
@@ -162,22 +162,20 @@ def build_parser():
     p.add_argument("--eval-images", type=positive_int, default=100, help="test images for the evaluation timing")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N train and test images")
-    p.add_argument("--json", help="write the results here")
+    add_json_arg(p)
     return p
 
 
 @script
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
+    args, device = parse(parser, argv)
     config = config_from_args(VAEConfig, args)
     if config.arch == "conv":  # its convolutions are no matrix products of the plan's kind
         parser.error("--arch conv: the GEMM bound counts the products of Linear layers only; bench.py times MLPs")
     if config.conditional:
         parser.error("--conditional: bench.py times the unconditional model, as pytorch/examples' loop has it")
     pixels = resolve_pixels(args.pixels, config.likelihood)
-    check_json_flag(parser, args.json)
     ensure_mnist(args.data_dir)
     train_images, _ = load_train_set(args.data_dir, device, args.limit)
     test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)

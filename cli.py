@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import torch
 
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, load_checkpoint
 from data import DataError
 from files import PathError, check_output_file, write_json
 
@@ -145,6 +145,35 @@ def pick_device(name, parser):
     elif name == "mps" and not torch.backends.mps.is_available():
         parser.error("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
     return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------- a script's flags
+
+
+def add_model_args(parser, what="the model"):
+    """--checkpoint and --data-dir, for a script that uses a trained model."""
+    parser.add_argument("--checkpoint", default="out/ckpt.pt", help=f"{what}, from train.py (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: the one the model was trained on)")
+
+
+def load_model(args, device):
+    """The model of --checkpoint on the device, its checkpoint's state, and the MNIST folder to read: --data-dir, or
+    the one it was trained on."""
+    state, model = load_checkpoint(args.checkpoint, device)
+    return state, model, args.data_dir or state["train_config"]["data_dir"]
+
+
+def add_json_arg(parser, what="the results"):
+    parser.add_argument("--json", metavar="PATH", default=None, help=f"also write {what} to this JSON file")
+
+
+def parse(parser, argv):
+    """A script's parsed flags and its torch.device; a --json file that cannot be written is a usage error now,
+    not after the work whose results it is to hold."""
+    args = parser.parse_args(argv)
+    device = pick_device(args.device, parser)
+    check_json_flag(parser, getattr(args, "json", None))
+    return args, device
 
 
 # --------------------------------------------------------------------------------------------- --json

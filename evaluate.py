@@ -29,8 +29,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint
-from cli import add_device_arg, check_json_flag, pick_device, positive_int, script, write_results
+from cli import add_device_arg, add_json_arg, add_model_args, load_model, parse, positive_int, script, write_results
 from data import IMPORTANCE_SEED, load_reference_set, load_test_set
 from scoring import (
     BATCH_SIZE,
@@ -52,7 +51,7 @@ EXACT_IMAGES = 1000  # 201 x 201 decoder passes an image, 8 times what k = 5000 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out/ckpt.pt", help="written by train.py (default: %(default)s)")
+    add_model_args(p)
     p.add_argument(
         "--k",
         type=positive_int,
@@ -75,21 +74,15 @@ def build_parser():
         default=EXACT_IMAGES,
         help="for a 2-D latent, the exact -log p(x) on the first N of the test images (default: %(default)s)",
     )
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the results to this JSON file")
+    add_json_arg(p)
     add_device_arg(p)
     return p
 
 
 @script
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
-    check_json_flag(parser, args.json)
-    state, model = load_checkpoint(args.checkpoint, device)
-    # The images exactly as in training (pixels), from the same folder unless told otherwise.
-    data_dir = args.data_dir if args.data_dir is not None else state["train_config"]["data_dir"]
+    args, device = parse(build_parser(), argv)
+    state, model, data_dir = load_model(args, device)  # the images exactly as in training (pixels)
     test = load_test_set(data_dir, state["train_config"]["pixels"], device, args.limit)  # (images, labels)
     reference = load_reference_set(data_dir, state["train_config"]["pixels"], device)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -22,8 +22,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 from matplotlib.figure import Figure
 
-from checkpoints import load_checkpoint
-from cli import add_device_arg, check_json_flag, pick_device, positive_int, script, write_results
+from cli import add_device_arg, add_json_arg, add_model_args, load_model, parse, positive_int, script, write_results
 from data import load_test_set, load_train_set
 from files import output_dir, write_png
 from model import ESTIMATORS, OBJECTIVES, VAE
@@ -102,27 +101,22 @@ def figure(results):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out/ckpt.pt", help="written by train.py (default: %(default)s)")
+    add_model_args(p)
     p.add_argument("--objective", choices=OBJECTIVES, default="elbo", help="whose gradient (default: %(default)s)")
     p.add_argument("--images", type=positive_int, default=100, help="the fixed batch (default: %(default)s)")
     p.add_argument("--draws", type=positive_int, default=100, help="draws per estimator and k (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the checkpoint's training --data-dir)")
     p.add_argument("--plots-dir", default="plots", help=f"where {FIGURE} goes (default: %(default)s)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the numbers to this JSON file")
+    add_json_arg(p, "the numbers")
     add_device_arg(p)
     return p
 
 
 @script
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
-    check_json_flag(parser, args.json)
-    state, model = load_checkpoint(args.checkpoint, device)
+    args, device = parse(build_parser(), argv)
+    state, model, data_dir = load_model(args, device)
     train_config = state["train_config"]
-    data_dir = args.data_dir or train_config["data_dir"]
     with output_dir(args.plots_dir, "--plots-dir"):
         x, y = load_test_set(data_dir, train_config["pixels"], device, args.images)
         train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)

@@ -33,7 +33,7 @@ from cli import (
     fail,
     interrupted,
     non_negative_int,
-    pick_device,
+    parse,
     script,
 )
 from data import PIXELS, labelled_batches, load_test_set, load_train_set, resolve_pixels
@@ -157,8 +157,7 @@ def build_parser():
 @script
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
+    args, device = parse(parser, argv)
     if args.resume:
         run = resume_run(args.out_dir, device, {name: getattr(args, name) for name in RESUMABLE})
     else:
@@ -301,6 +300,8 @@ def bound_name(config):
     """What the training loss is, as the log names it."""
     if config.objective == "iwae":
         return f"-L_{config.k}"
+    if config.kl_warmup:
+        return "recon + kl_weight KL"  # the log's kl_weight: the weight at the epoch's end
     return "-ELBO" if config.beta == 1 else f"recon + {config.beta:g} KL"
 
 

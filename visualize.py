@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
 from checkpoints import FRAMES_DIR, LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
-from cli import add_device_arg, pick_device, script
+from cli import add_device_arg, add_model_args, load_model, parse, script
 from data import load_mnist, load_test_set
 from files import check_output_dir, output_dir, write_atomic, write_png
 from manifold import MANIFOLD_SIDE, class_grid_images, decode_means, latent_plane, manifold_images, prior_z, tile
@@ -377,9 +377,8 @@ def load_runs(run_dirs):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out/ckpt.pt", help="the model to show (default: out/ckpt.pt)")
+    add_model_args(p, "the model to show")
     p.add_argument("--plots-dir", default="plots", help="where the PNGs go (default: plots)")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default: the one the checkpoint was trained on)")
     p.add_argument(
         "--compare",
         nargs=2,
@@ -424,9 +423,7 @@ def plot_all(state, model, data_dir, run_dir, device, plots_dir):
 
 @script
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = pick_device(args.device, parser)
+    args, device = parse(build_parser(), argv)
     plots_dir = Path(args.plots_dir)
     # The folder is made once the checkpoints are known good, and before the data is loaded.
     if args.compare:
@@ -438,8 +435,7 @@ def main(argv=None):
         check_output_dir(plots_dir, "--plots-dir")
         save(ways_of_fitting_figure(runs), plots_dir / WAYS_FILE)
     else:
-        state, model = load_checkpoint(args.checkpoint, device)
-        data_dir = args.data_dir or state["train_config"]["data_dir"]
+        state, model, data_dir = load_model(args, device)
         with output_dir(plots_dir, "--plots-dir"):
             plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
 

@@ -238,6 +238,7 @@ def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, tiny_r
     train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
     a, b = log_records(straight), log_records(resumed)
     assert [r["kl_weight"] for r in a] == pytest.approx([1 / 3, 2 / 3])
+    assert a[0]["train_bound"] == "recon + kl_weight KL"
     for x, y in zip(a, b, strict=True):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
     plain = log_records(tiny_run(epochs=2))

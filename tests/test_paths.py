@@ -551,10 +551,10 @@ def test_ctrl_c_while_fetching_leaves_no_partial_file(scripts, tmp_path, monkeyp
 @pytest.mark.parametrize(
     "script, where",
     [
-        ("evaluate", (evaluate, "load_checkpoint")),
+        ("evaluate", (cli, "load_checkpoint")),
         ("evaluate", (evaluate, "iwae_nll")),
         ("evaluate", (evaluate, "knn_accuracy")),
-        ("visualize", (visualize, "load_checkpoint")),
+        ("visualize", (cli, "load_checkpoint")),
         ("visualize", (visualize, "samples_figure")),
         ("bench", (bench, "ensure_mnist")),
         ("bench", (bench, "eval_throughput")),
