@@ -37,6 +37,7 @@ SAMPLES_SIDE = 10
 N_PAIRS, STEPS = 5, 10  # the interpolation: pairs of test images of different digits, steps between them
 N_ANALOGIES = 8  # test images whose style the analogies carry through every digit
 FRAME_MS, LAST_FRAME_MS = 250, 2000  # the training film
+LONG_RUN = 200  # epochs: the training curves of a longer run, on a log axis, without markers
 FILM_GREY_LEVELS = 32  # of 256: a GIF of 30 such frames is about 2 MB, not 5
 COMPARE_FILE = "compare_bernoulli_cb.png"
 WAYS_FILE = "ways_of_fitting.png"
@@ -258,17 +259,21 @@ def training_curves_figure(records):
     # The training loss is averaged over the epoch while the model improves, and is the bound the run
     # trains (train_bound); the test loss is -ELBO.
     bound = records[-1]["train_bound"]
+    style = "o-" if len(records) <= LONG_RUN else "-"  # a long run (the IWAE protocol's 3280 epochs): lines only
     fig = Figure(figsize=(10, 4))
     loss_ax, kl_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", markersize=3, label=f"train, {bound}")
-    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", markersize=3, label="test, -ELBO")
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], style, markersize=3, label=f"train, {bound}")
+    loss_ax.plot(epochs, [r["test_loss"] for r in records], style, markersize=3, label="test, -ELBO")
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="nats / image")
     loss_ax.legend()
-    kl_ax.plot(epochs, [r["test_kl"] for r in records], "o-", markersize=3, color="tab:green")
+    kl_ax.plot(epochs, [r["test_kl"] for r in records], style, markersize=3, color="tab:green")
     kl_ax.set(title="Test KL(q(z|x) || p(z))", xlabel="epoch", ylabel="nats / image")
     for ax in (loss_ax, kl_ax):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
+        if len(records) > LONG_RUN:  # the schedule's stages are 3^i epochs long: even on a log axis
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
     fig.tight_layout()
     return fig
 

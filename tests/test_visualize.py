@@ -186,3 +186,15 @@ def test_a_checkpoint_without_its_training_settings_is_a_one_line_error(cb_check
         visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path / "plots"), "--device", "cpu"])
     assert exit_info.value.code == 1
     assert "train_config" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("epochs, scale", [(30, "linear"), (visualize.LONG_RUN + 1, "log")])
+def test_the_training_curves_of_a_long_run_are_on_a_log_axis(epochs, scale):
+    """The IWAE protocol's stages last 3^i epochs: on a log axis each gets its share of the figure."""
+    records = [
+        {"epoch": e, "train_bound": "-ELBO", "train_loss": 100 / e, "test_loss": 100 / e, "test_kl": 20.0}
+        for e in range(1, epochs + 1)
+    ]
+    fig = visualize.training_curves_figure(records)
+    assert [ax.get_xscale() for ax in fig.axes] == [scale, scale]
+    assert all(len(line.get_xdata()) == epochs for ax in fig.axes for line in ax.get_lines())
