@@ -199,3 +199,12 @@ def test_the_notebook_runs_quick_under_ci_and_writes_into_an_ignored_folder():
     run_dir = ast.literal_eval(code.split("RUN_DIR = ", 1)[1].split()[0])
     assert run_dir.split("/")[0] + "/" in (ROOT / ".gitignore").read_text().split()
     assert "plots" not in run_dir
+
+
+def test_the_committed_notebook_holds_the_outputs_of_a_full_run():
+    cells = [c for c in json.loads((ROOT / "VAE.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    assert all(c["outputs"] for c in cells), "a code cell without outputs: run the README's notebook command"
+    counts = [c["execution_count"] for c in cells]
+    assert counts == list(range(1, len(cells) + 1)), "the outputs are not those of one run, top to bottom"
+    first = "".join("".join(o["text"]) for o in cells[0]["outputs"] if o["output_type"] == "stream")
+    assert "quick: False" in first, "the committed outputs are those of a quick (CI) run"
