@@ -241,6 +241,11 @@ def resume_run(out_dir, device, settings=None):
 def restore_training_state(state, ckpt_path, model, config, device):
     """The optimizer of the checkpoint's run, and its random-number generators restored; CheckpointError if either
     is missing, does not fit, or is not the bytes that were saved."""
+    if "optimizer" not in state and "rng" not in state:  # such as pretrained/'s: a model to use, not a run
+        raise CheckpointError(
+            f"cannot resume: {ckpt_path} holds a model's weights only, no optimizer or random-number state; "
+            "evaluate or draw it, or train a new run"
+        )
     optimizer = make_optimizer(model, config)
     try:
         optimizer.load_state_dict(state["optimizer"])

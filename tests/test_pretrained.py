@@ -1,17 +1,20 @@
 """The shipped weights (pretrained/): they load with weights_only=True through the same validated loader as every
 checkpoint, hold no optimizer or random-number state, give the test -ELBO recorded beside them (all 10000 test
-images), are the file whose sha256 their README gives, and evaluate.py and visualize.py take them as they are."""
+images), are the file whose sha256 their README gives, and evaluate.py and visualize.py take them as they are;
+train.py --resume refuses them in one line."""
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
+import train
 import visualize
-from checkpoints import load_checkpoint
+from checkpoints import CKPT_FILE, load_checkpoint
 from data import load_test_set
 from scoring import mean_neg_elbo
 
@@ -56,3 +59,11 @@ def test_evaluate_and_visualize_take_it(data_dir, tmp_path, no_progress_bars):
     assert {"latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
+
+
+def test_resuming_it_says_it_holds_weights_only(tmp_path, scripts):
+    shutil.copy(WEIGHTS, tmp_path / CKPT_FILE)
+    code, _, err = scripts.run(train.main, "--resume", "--out-dir", tmp_path, "--epochs", "2000")
+    assert code == 1
+    scripts.only_error(err, f"cannot resume: {tmp_path / CKPT_FILE} holds a model's weights only")
+    assert (tmp_path / CKPT_FILE).read_bytes() == WEIGHTS.read_bytes()  # nothing saved is lost

@@ -44,6 +44,7 @@ TRAIN = "tests/test_train.py"
 VISUALIZE = "tests/test_visualize.py"
 CONDITIONAL = "tests/test_conditional.py"
 EXACT = "tests/test_exact.py"
+PRETRAINED = "tests/test_pretrained.py"
 
 
 @dataclass
@@ -489,6 +490,14 @@ MUTANTS = [
         "    model.init_output_bias(data[0].mean(0))\n",
         "",
         [BEHAVIOUR, TRAIN],
+        "train",
+    ),
+    Mutant(
+        "weights-only-resume-unnamed",
+        "train.restore_training_state",
+        "if 'optimizer' not in state and 'rng' not in state:",
+        "if False:",
+        [PRETRAINED],
         "train",
     ),
     Mutant(
