@@ -131,7 +131,7 @@ def score_exactly(model, images, labels):
     """-log p(x) (or -log p(x|y)) by quadrature, averaged over `images` (a 2-D model), and how negligible the
     integrand was at the grids' borders (the smallest distance below the peak, in nats)."""
     bar = tqdm(images, desc="exact log p(x)", unit="image", leave=False)
-    log_px, border_nats = exact_log_likelihood(model, bar, labels=labels if model.config.conditional else None)
+    log_px, border_nats = exact_log_likelihood(model, bar, labels=labels)  # an unconditional model ignores them
     return {
         "test_nll_exact": -log_px.mean().item(),
         "exact_n_images": images.shape[0],
