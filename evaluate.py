@@ -19,12 +19,6 @@ for each of the ten labels.
 import argparse
 import functools
 import math
-import signal
-import sys
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 from tqdm import tqdm

@@ -11,20 +11,14 @@ the encoder's parameters, and the signal-to-noise ratio |mean| / std, averaged l
 """
 
 import argparse
-import signal
-import sys
 from pathlib import Path
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import torch
 from matplotlib.figure import Figure
 
 from cli import add_device_arg, add_json_arg, add_model_args, load_model, parse, positive_int, script, write_results
 from data import load_test_set, load_train_set
-from files import output_dir, write_png
+from files import write_png
 from model import ESTIMATORS, OBJECTIVES, VAE
 
 KS = (1, 2, 5, 10, 50)
@@ -43,7 +37,7 @@ def encoder_gradients(model, x, draws, objective, k, estimator, generator, y=Non
     params = encoder_parameters(model)
     rows = []
     for _ in range(draws):
-        surrogate, _ = model.loss(x, objective, k, estimator, generator=generator, y=y)
+        surrogate = model.loss(x, y, objective, k, estimator, generator=generator).surrogate
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, params)]))
     return torch.stack(rows)
 
@@ -117,13 +111,13 @@ def main(argv=None):
     args, device = parse(build_parser(), argv)
     state, model, data_dir = load_model(args, device)
     train_config = state["train_config"]
-    with output_dir(args.plots_dir, "--plots-dir"):
-        x, y = load_test_set(data_dir, train_config["pixels"], device, args.images)
-        train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
+    x, y = load_test_set(data_dir, train_config["pixels"], device, args.images)
+    train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
     for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
         print(f"{which} model:")
         results[which] = measure(m.train(), x, y, args.draws, args.objective, args.seed)
+    Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
     write_png(figure(results), Path(args.plots_dir) / FIGURE)
     print(f"wrote {Path(args.plots_dir) / FIGURE}")
     write_results(args.json, results)

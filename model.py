@@ -10,6 +10,7 @@ This module imports only torch and the standard library; it does no I/O.
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +28,23 @@ OBJECTIVES = ("elbo", "iwae")
 ESTIMATORS = ("pathwise", "score")
 
 
-def setting(default, help, **flag):
-    """A config field with its command-line help (and, optionally, choices or a parser): read by the scripts."""
-    return field(default=default, metadata={"help": help, **flag})
+def setting(default, help, **meaning):
+    """A config field with its command-line help, and what its values may be: choices, or a range (at_least=,
+    above=) that comes from what the field means. The config checks its values; the scripts read the help."""
+    return field(default=default, metadata={"help": help, **meaning})
 
 
 @dataclass(kw_only=True)  # built by name only: no two fields can be swapped by position
 class VAEConfig:
     """The networks and the likelihood; every field is a flag of train.py (latent_dim: --latent-dim)."""
 
-    latent_dim: int = setting(2, "d, the size of z")
+    latent_dim: int = setting(2, "d, the size of z", at_least=1)
     arch: str = setting("mlp", "mlp, or conv: two stride-2 convolutions, mirrored in the decoder", choices=ARCHS)
     hidden_dims: tuple[int, ...] = setting(
         (512, 256),
         "comma-separated widths, e.g. 400 or 200,200 (the decoder mirrors them); for conv, the dense "
         "layers after the convolutions",
+        at_least=1,
     )
     activation: str = setting("relu", "the hidden layers' nonlinearity", choices=ACTIVATIONS)
     likelihood: str = setting("bernoulli", "p(x|z): bernoulli, or cb (continuous Bernoulli)", choices=LIKELIHOODS)
@@ -50,21 +53,24 @@ class VAEConfig:
     )
 
     def __post_init__(self):
-        # Checkpoints store the config as a plain dict, where tuples become lists.
-        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim}")
-        if not self.hidden_dims or min(self.hidden_dims) < 1:
-            raise ValueError(f"hidden_dims must be one or more positive integers, got {self.hidden_dims}")
-        check_choices(self)
+        self.hidden_dims = tuple(self.hidden_dims)  # a checkpoint stores the config as a plain dict: a list
+        check_fields(self)
 
 
-def check_choices(config):
-    """Raise ValueError, naming the field, where a field that has choices holds another value."""
+def check_fields(config):
+    """Raise ValueError, naming the field, where a field holds a value its meaning excludes: a choice it does not
+    offer, or a number outside its range (NaN and infinity are outside every range)."""
     for f in fields(config):
-        allowed = f.metadata.get("choices")
-        if allowed is not None and getattr(config, f.name) not in allowed:
-            raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(config, f.name)!r}")
+        value, meaning = getattr(config, f.name), f.metadata
+        if "choices" in meaning and value not in meaning["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(meaning['choices'])}, got {value!r}")
+        if value == ():
+            raise ValueError(f"{f.name} needs one or more values")
+        for number in value if isinstance(value, tuple) else [] if value is None else [value]:  # None: all
+            if "at_least" in meaning and not (math.isfinite(number) and number >= meaning["at_least"]):
+                raise ValueError(f"{f.name} must be a number >= {meaning['at_least']}, got {value!r}")
+            if "above" in meaning and not (math.isfinite(number) and number > meaning["above"]):
+                raise ValueError(f"{f.name} must be a number > {meaning['above']}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,24 +269,6 @@ class VAE(nn.Module):
         """E[x|z], the image the decoder predicts (not lambda, for the continuous Bernoulli)."""
         return torch.sigmoid(logits) if self.config.likelihood == "bernoulli" else cb_mean(logits)
 
-    def forward(self, x, generator=None, y=None):
-        """One pass with a single reparameterized sample: logits (B, 1, 28, 28), mu, logvar (B, latent_dim)."""
-        mu, logvar = self.encode(x, y)
-        z = self.reparameterize(mu, logvar, generator)
-        return self.decode(z, y), mu, logvar
-
-    def elbo_terms(self, x, generator=None, y=None):
-        """The two terms of the negative ELBO per example, in nats (AEVB eq. (10)):
-
-        recon = -log p(x|z) with one z ~ q(z|x), an unbiased estimate of -E_q[log p(x|z)];
-        kl    = KL(q(z|x) || p(z)), in closed form.
-        Their sum is -ELBO >= -log p(x).
-        """
-        logits, mu, logvar = self(x, generator, y)
-        recon = -log_likelihood(logits, x, self.config.likelihood)  # (B,)
-        kl = kl_std_normal(mu, logvar)  # (B,)
-        return recon, kl
-
     def sample_posterior(self, mu, logvar, k, generator=None):
         """k reparameterized draws z_i ~ q(z|x) per image: mu, logvar (B, d) -> z (k, B, d)."""
         return self.reparameterize(mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape), generator)
@@ -320,38 +308,47 @@ class VAE(nn.Module):
         return self.decode(z, y)
 
     # -----------------------------------------------------------------------------------------
-    # Ways of fitting: a surrogate loss whose gradient is the chosen estimator of the objective's
+    # The loss: the negative ELBO, and the other ways of fitting
     # -----------------------------------------------------------------------------------------
 
-    def loss(self, x, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None, y=None):
-        """The training loss of a batch x (B, 1, 28, 28) (and its labels y (B,), for a conditional model), with
-        k draws z_i ~ q(z|x) per image.
+    def loss(self, x, y=None, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None):
+        """The loss of a batch x (B, 1, 28, 28) (and its labels y (B,), for a conditional model), with k draws
+        z_i ~ q(z|x) per image: what train.py minimizes and scoring.py reports.
 
-        objective "elbo": the mean of k one-sample estimates of -ELBO, recon_i + beta * KL (AEVB eq. (10));
+        objective "elbo": -ELBO = -E_q[log p(x|z)] + beta KL(q(z|x) || p(z)) (AEVB eq. (10); beta = 1 is the
+                  ELBO), the expectation estimated by the mean over the k draws, the KL in closed form;
                   "iwae": -L_k = -log (1/k) sum_i w_i (Burda et al. 2016, eq. (8)); k = 1 is the ELBO with a
                   sampled KL.
         estimator "pathwise": gradients flow through z = mu + sigma * eps (the reparameterization trick);
                   "score": z is a constant and the encoder learns through log q(z|x) (score_surrogate).
-        Returns the surrogate, a scalar whose gradient is the estimator (its value is the mean negative bound
-        only for "pathwise"), and the negative bound per example (B,), detached, in nats. beta may be a 0-dim
-        tensor (a KL weight that changes from step to step).
+        Returns Loss: the surrogate, a scalar whose gradient is the estimator (its value is the mean negative
+        bound only for "pathwise"), and, detached, per example (B,): the negative bound and the ELBO's two terms,
+        recon = -E_q[log p(x|z)] (estimated) and kl. beta may be a 0-dim tensor (a weight that changes by step).
         """
         mu, logvar = self.encode(x, y)  # (B, d) each
         z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
         if estimator == "score":
             z = z.detach()  # no path from z back to the encoder: only the decoder learns through log p(x|z)
         log_px_z = self.log_px_z(x, z, y)  # (k, B)
+        recon, kl = -mean_over_samples(log_px_z), kl_std_normal(mu, logvar)  # (B,) each
         if objective == "elbo":
             f, total = log_px_z, mean_over_samples
-            neg_bound = -total(f) + beta * kl_std_normal(mu, logvar)  # (B,); the KL's gradient is exact
+            neg_bound = recon + beta * kl  # the KL's gradient is exact
         else:
-            f, total = log_weight(log_px_z, z, mu, logvar), log_mean_exp
-            neg_bound = -total(f)  # (B,); f = log w, (k, B)
+            f, total = log_weight(log_px_z, z, mu, logvar), log_mean_exp  # f = log w, (k, B)
+            neg_bound = -total(f)
         surrogate = neg_bound
         if estimator == "score":
             log_q = diag_normal_log_prob(z, mu, logvar)  # (k, B): gradient into mu and logvar only
             surrogate = surrogate - score_surrogate(f.detach(), log_q, total)
-        return surrogate.mean(), neg_bound.detach()
+        return Loss(surrogate.mean(), neg_bound.detach(), recon.detach(), kl.detach())
+
+
+class Loss(NamedTuple):
+    surrogate: torch.Tensor  # scalar: backward() on it gives the estimator's gradient
+    neg_bound: torch.Tensor  # (B,), -ELBO (or recon + beta KL) or -L_k, detached
+    recon: torch.Tensor  # (B,), -E_q[log p(x|z)] estimated with the k draws, detached
+    kl: torch.Tensor  # (B,), KL(q(z|x) || p(z)), detached
 
 
 def score_surrogate(f, log_q, total):

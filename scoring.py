@@ -35,18 +35,19 @@ BATCH_SIZE = 500  # test images per batch of the importance-sampled bound
 
 @torch.inference_mode()
 def mean_neg_elbo(model, images, batch_size=1000, labels=None):
-    """Mean -ELBO over `images` and its two terms (recon, kl), nats per image, one z per image drawn from
-    ELBO_NOISE_SEED: every epoch, run and script scores with the same noise, and never touches the training
-    random stream. Returns 0-dim tensors on the images' device: no host synchronisation here. labels (N,): the
-    images' labels, which a conditional model needs (an unconditional one ignores them), here and below.
+    """Mean -ELBO over `images` and its two terms (recon, kl), nats per image: the loss train.py minimizes
+    (VAE.loss), with one z per image drawn from ELBO_NOISE_SEED, so that every epoch, run and script scores with
+    the same noise and never touches the training random stream. Returns 0-dim tensors on the images' device: no
+    host synchronisation here. labels (N,): the images' labels, which a conditional model needs (an unconditional
+    one ignores them), here and below.
     """
     generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
     recon_sum = torch.zeros((), device=images.device)
     kl_sum = torch.zeros((), device=images.device)
     for x, y in labelled_batches(images, labels, batch_size):
-        recon, kl = model.elbo_terms(x, generator, y)
-        recon_sum += recon.sum()
-        kl_sum += kl.sum()
+        loss = model.loss(x, y, generator=generator)
+        recon_sum += loss.recon.sum()
+        kl_sum += loss.kl.sum()
     n = images.shape[0]
     return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
 

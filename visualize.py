@@ -10,13 +10,7 @@ continuous-Bernoulli one, and shows why a CB decoder's images are displayed as i
 
 import argparse
 import json
-import signal
-import sys
 from pathlib import Path
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted (Ctrl-C)", file=sys.stderr) or 130))
 
 import matplotlib
 import torch
@@ -24,10 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from checkpoints import FRAMES_DIR, LOG_FILE, CheckpointError, checkpoint_path, load_checkpoint
+from checkpoints import CKPT_FILE, FRAMES_DIR, LOG_FILE, CheckpointError, load_checkpoint
 from cli import add_device_arg, add_model_args, load_model, parse, script
 from data import load_mnist, load_test_set
-from files import check_output_dir, output_dir, write_atomic, write_png
+from files import write_atomic, write_png
 from manifold import MANIFOLD_SIDE, class_grid_images, decode_means, latent_plane, manifold_images, prior_z, tile
 from model import N_CLASSES
 from scoring import posterior_means
@@ -365,7 +359,7 @@ def ways_of_fitting_figure(runs):
 def load_runs(run_dirs):
     """[(label, log records)] of train.py's runs in these folders; the label says how each was fitted."""
     runs = []
-    for ckpt_path in map(checkpoint_path, run_dirs):
+    for ckpt_path in (Path(d) / CKPT_FILE for d in run_dirs):
         state, _ = load_checkpoint(ckpt_path)
         records = read_log(ckpt_path.with_name(LOG_FILE))
         if records is None:
@@ -405,6 +399,7 @@ def plot_all(state, model, data_dir, run_dir, device, plots_dir):
     frames."""
     # The test set exactly as training scored it (same pixels), but all of it: --limit is for training.
     images, labels = load_test_set(data_dir, state["train_config"]["pixels"], device, limit=None)
+    plots_dir.mkdir(parents=True, exist_ok=True)
     if model.config.latent_dim >= 2:
         mu = posterior_means(model, images, labels=labels)  # (N, d)
         plane = latent_plane(mu)
@@ -430,19 +425,17 @@ def plot_all(state, model, data_dir, run_dir, device, plots_dir):
 def main(argv=None):
     args, device = parse(build_parser(), argv)
     plots_dir = Path(args.plots_dir)
-    # The folder is made once the checkpoints are known good, and before the data is loaded.
     if args.compare:
         (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
-        check_output_dir(plots_dir, "--plots-dir")
+        plots_dir.mkdir(parents=True, exist_ok=True)
         save(compare_figure(bernoulli, cb, data_dirs, device), plots_dir / COMPARE_FILE)
     elif args.ways_of_fitting:
         runs = load_runs(args.ways_of_fitting)
-        check_output_dir(plots_dir, "--plots-dir")
+        plots_dir.mkdir(parents=True, exist_ok=True)
         save(ways_of_fitting_figure(runs), plots_dir / WAYS_FILE)
     else:
         state, model, data_dir = load_model(args, device)
-        with output_dir(plots_dir, "--plots-dir"):
-            plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
+        plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
 
 
 if __name__ == "__main__":

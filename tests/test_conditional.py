@@ -108,9 +108,10 @@ def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, d
     seen = []
     real_loss = VAE.loss
 
-    def loss(self, x, *args, y=None, **kwargs):
-        seen.append((x.detach().clone(), y.clone()))
-        return real_loss(self, x, *args, y=y, **kwargs)
+    def loss(self, x, y=None, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():  # a training step, not the test ELBO
+            seen.append((x.detach().clone(), y.clone()))
+        return real_loss(self, x, y, *args, **kwargs)
 
     monkeypatch.setattr(VAE, "loss", loss)
     tiny_run.train(tmp_path / "run", "--conditional", "--pixels", "grey")
@@ -211,12 +212,26 @@ def test_frames_past_a_resumed_epoch_are_dropped(run_copy):
     assert (run / "frames" / "0001.png").read_bytes() == first
 
 
-def test_the_film_plays_one_frame_per_epoch(conditional_run, tmp_path):
+def test_the_film_plays_the_frames_in_the_order_of_their_epochs(tmp_path):
+    """Frames written out of order (so that neither the file system's order nor their times give the epochs'), each
+    a flat grey of its own: the GIF plays them by epoch, 9 before 10, one frame each, the last held longest."""
     from PIL import Image
 
-    visualize.write_film(conditional_run["straight"] / "frames", tmp_path / "film.gif")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    epochs = [10, 3, 12, 1, 9, 2, 11, 4, 8, 5, 7, 6]
+    for epoch in epochs:
+        Image.new("L", (56, 56), 20 * epoch).save(frames / f"{epoch:04d}.png")
+    visualize.write_film(frames, tmp_path / "film.gif")
     with Image.open(tmp_path / "film.gif") as film:
-        assert film.n_frames == 2 and film.info["loop"] == 0
+        assert film.n_frames == len(epochs) and film.info["loop"] == 0
+        greys, durations = [], []
+        for i in range(film.n_frames):
+            film.seek(i)
+            greys.append(np.asarray(film.convert("L"))[40, 28])  # below the caption, which names the epoch
+            durations.append(film.info["duration"])
+    assert greys == sorted(greys) and len(set(greys)) == len(epochs)
+    assert durations == [visualize.FRAME_MS] * (len(epochs) - 1) + [visualize.LAST_FRAME_MS]
 
 
 # --------------------------------------------------------------------------------------------- KL warm-up
@@ -265,23 +280,43 @@ def tiles(array, side=28):
     return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
 
 
+def labelled_rows(fig):
+    """[(y tick labels, x tick labels, the tiles (rows, cols, 28, 28))] of a figure's one image."""
+    (ax,) = fig.axes
+    (image,) = ax.get_images()
+    names = [[t.get_text() for t in ticks] for ticks in (ax.get_yticklabels(), ax.get_xticklabels())]
+    return *names, tiles(np.asarray(image.get_array()))
+
+
 @torch.no_grad()
-def test_the_class_grid_and_the_analogies_draw_the_requested_digit(conditional_vae):
+def test_each_row_and_column_of_the_conditional_figures_shows_the_digit_it_names(conditional_vae):
+    """The class grid: row y, named y, is E[x|z_j, y] for the shared z_j of column j. The analogies: row i is test
+    image i, then its code decoded with the digit each column names. The samples: row r is the digit r."""
     vae = conditional_vae(latent_dim=2).float()
-    (grid,) = images_of(visualize.class_grid_figure(vae))
     z = prior_z(10, 2, "cpu")
-    for row in (0, 4, 9):
-        expected = torch.sigmoid(vae.decode(z, torch.full((10,), row))).reshape(10, 28, 28).numpy()
-        np.testing.assert_allclose(tiles(grid)[row], expected, atol=1e-6)
-    np.testing.assert_allclose(class_grid_images(vae).reshape(10, 10, 28, 28).numpy(), tiles(grid), atol=1e-6)
+    rows, _, grid = labelled_rows(visualize.class_grid_figure(vae))
+    assert rows == [str(d) for d in range(10)]
+    for y in range(10):
+        expected = torch.sigmoid(vae.decode(z, torch.full((10,), y))).reshape(10, 28, 28)
+        np.testing.assert_allclose(grid[y], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(class_grid_images(vae).reshape(10, 10, 28, 28).numpy(), grid, atol=1e-6)
 
     x, y = images(8).float(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    (analogies,) = images_of(visualize.analogies_figure(vae, x, y))
+    rows, columns, analogies = labelled_rows(visualize.analogies_figure(vae, x, y))
+    assert rows == [f"test: {d}" for d in y.tolist()] and columns == ["x", *map(str, range(10))]
     mu, _ = vae.encode(x, y)
-    for i in (0, 5):
-        np.testing.assert_allclose(tiles(analogies)[i, 0], x[i, 0].numpy(), atol=1e-6)  # the test image itself
-        expected = torch.sigmoid(vae.decode(mu[i].expand(10, -1), torch.arange(10))).reshape(10, 28, 28)
-        np.testing.assert_allclose(tiles(analogies)[i, 1:], expected.numpy(), atol=1e-6)
+    for i in range(8):
+        np.testing.assert_allclose(analogies[i, 0], x[i, 0].numpy(), atol=1e-6)  # the test image itself
+        for c, digit in enumerate(columns[1:], start=1):
+            expected = torch.sigmoid(vae.decode(mu[i], torch.tensor(int(digit)))).reshape(28, 28)
+            np.testing.assert_allclose(analogies[i, c], expected.numpy(), atol=1e-6)
+
+    (image,) = visualize.samples_figure(vae).axes[0].get_images()
+    samples = tiles(np.asarray(image.get_array()))
+    z = prior_z(100, 2, "cpu").reshape(10, 10, 2)
+    for r in range(10):
+        expected = torch.sigmoid(vae.decode(z[r], torch.full((10,), r))).reshape(10, 28, 28)
+        np.testing.assert_allclose(samples[r], expected.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("conditional", [False, True])

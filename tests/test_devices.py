@@ -195,5 +195,5 @@ def test_a_checkpoint_written_on_an_accelerator_resumes_on_the_cpu(run, fake_gen
     torch.manual_seed(12345)
     resumed = train.resume_run(run, torch.device("cpu"), {"epochs": 2})
     assert torch.equal(torch.get_rng_state(), state["rng"]["cpu"])
-    train.fit(resumed)
+    train.train_epoch(resumed, 2)
     assert resumed.epoch == 2

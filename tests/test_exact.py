@@ -118,8 +118,8 @@ def test_elbo_plus_kl_to_the_posterior_is_log_px(trained):
     assert (elbo + kl - log_px).abs().max() < 0.01
     # and the ELBO is what the model's one-sample estimator estimates, within its noise
     repeats = 400
-    recon, kl_prior = model.elbo_terms(x.repeat(repeats, 1, 1, 1), torch.Generator().manual_seed(0))
-    sampled = -(recon + kl_prior).reshape(repeats, -1).double()
+    loss = model.loss(x.repeat(repeats, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    sampled = -(loss.recon + loss.kl).reshape(repeats, -1).double()
     standard_error = sampled.std(0) / math.sqrt(repeats)
     assert ((sampled.mean(0) - elbo).abs() < 5 * standard_error).all()
 

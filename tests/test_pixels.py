@@ -62,8 +62,9 @@ def test_scored_test_set_is_dequantized_once_with_a_fixed_seed(data_dir):
 
 def test_default_run_is_the_documented_model():
     """`python train.py` with no flags: the Bernoulli decoder on dynamically binarized MNIST, 2-D latent."""
-    args = train.build_parser().parse_args([])
-    model_config, config = config_from_args(VAEConfig, args), config_from_args(train.TrainConfig, args)
+    parser = train.build_parser()
+    args = parser.parse_args([])
+    model_config, config = config_from_args(VAEConfig, args, parser), config_from_args(train.TrainConfig, args, parser)
     assert model_config == VAEConfig(
         latent_dim=2, arch="mlp", hidden_dims=(512, 256), activation="relu", likelihood="bernoulli"
     )

@@ -1,11 +1,12 @@
-"""The shipped weights (pretrained/): they load with weights_only=True through the same validated loader as every
-checkpoint, hold no optimizer or random-number state, give the test -ELBO recorded beside them (all 10000 test
-images), are the file whose sha256 their README gives, and evaluate.py and visualize.py take them as they are;
-train.py --resume refuses them in one line."""
+"""The shipped weights (pretrained/): `train.py --export` makes them from a run's checkpoint; they load with
+weights_only=True through the same loader as every checkpoint, hold no optimizer or random-number state, give
+the test -ELBO recorded beside them (all 10000 test images), are the file whose sha256 their README gives, and
+evaluate.py and visualize.py take them as they are; train.py --resume refuses them in one line."""
 
 import hashlib
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,24 @@ def recorded():
     return json.loads((PRETRAINED / "iwae-protocol-vae.json").read_text())
 
 
-def test_the_file_holds_weights_and_configs_only(recorded):
+def test_export_writes_a_runs_model_its_configs_and_epoch_only(tiny_run, tmp_path, scripts):
+    run = tiny_run()
+    code, out, err = scripts.run(train.main, "--export", tmp_path / "model.pt", "--out-dir", run)
+    assert code == 0, err
+    shipped, saved = (torch.load(path, weights_only=True) for path in (tmp_path / "model.pt", run / CKPT_FILE))
+    assert list(shipped) == ["model", "model_config", "train_config", "epoch"]
+    assert all(torch.equal(shipped["model"][name], saved["model"][name]) for name in saved["model"])
+    assert shipped["model_config"] == saved["model_config"] and shipped["epoch"] == saved["epoch"] == 1
+    folders = {"data_dir": "data", "out_dir": "out"}  # a reader's clone has these, not the run's own folders
+    assert shipped["train_config"] == {**saved["train_config"], **folders} != saved["train_config"]
+    assert list(shipped["train_config"]) == [f.name for f in fields(train.TrainConfig)]
+
+
+def test_the_file_holds_what_export_writes(recorded):
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    assert sorted(state) == ["checksum", "epoch", "model", "model_config", "train_config"]
+    assert list(state) == ["model", "model_config", "train_config", "epoch"]
+    assert list(state["train_config"]) == [f.name for f in fields(train.TrainConfig)]
+    assert (state["train_config"]["data_dir"], state["train_config"]["out_dir"]) == ("data", "out")
     as_json = json.loads(json.dumps({key: state[key] for key in ("model_config", "train_config")}))
     assert as_json == {key: recorded[key] for key in ("model_config", "train_config")}
     assert state["epoch"] == recorded["epoch"]

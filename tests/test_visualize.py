@@ -166,28 +166,6 @@ def test_compare_refuses_the_checkpoints_swapped(bernoulli_checkpoint, cb_checkp
     assert "BERNOULLI_CKPT CB_CKPT" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("content", [None, b"\x00garbage, not a checkpoint\xff" * 10])
-def test_an_unusable_checkpoint_is_a_one_line_error(content, tmp_path, capsys):
-    checkpoint = tmp_path / "ckpt.pt"
-    if content is not None:
-        checkpoint.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:
-        visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path / "plots"), "--device", "cpu"])
-    assert exit_info.value.code == 1
-    assert str(checkpoint) in one_line_error(capsys)
-    assert not (tmp_path / "plots").exists()  # nothing is created for a run that cannot start
-
-
-def test_a_checkpoint_without_its_training_settings_is_a_one_line_error(cb_checkpoint, tmp_path, capsys):
-    state = torch.load(cb_checkpoint, weights_only=True)
-    checkpoint = tmp_path / "ckpt.pt"
-    torch.save({**state, "train_config": {"epochs": 1}}, checkpoint)
-    with pytest.raises(SystemExit) as exit_info:
-        visualize.main(["--checkpoint", str(checkpoint), "--plots-dir", str(tmp_path / "plots"), "--device", "cpu"])
-    assert exit_info.value.code == 1
-    assert "train_config" in one_line_error(capsys)
-
-
 @pytest.mark.parametrize("epochs, scale", [(30, "linear"), (visualize.LONG_RUN + 1, "log")])
 def test_the_training_curves_of_a_long_run_are_on_a_log_axis(epochs, scale):
     """The IWAE protocol's stages last 3^i epochs: on a log axis each gets its share of the figure."""
