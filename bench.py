@@ -13,12 +13,9 @@ Also the k-sample importance-weighted evaluation throughput of evaluate.py's est
 """
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torchvision
@@ -31,6 +28,7 @@ from cli import (
     add_device_arg,
     add_json_arg,
     config_from_args,
+    machine,
     parse,
     positive_int,
     script,
@@ -162,7 +160,7 @@ def main(argv=None):
         parser.error("--arch conv: the GEMM bound counts the products of Linear layers only; bench.py times MLPs")
     if config.conditional:
         parser.error("--conditional: bench.py times the unconditional model, as pytorch/examples' loop has it")
-    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device: {device} ({machine(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as out_dir:  # where our epochs save their log and checkpoint, as train.py's
         train_config = train.TrainConfig(
             epochs=args.epochs + 1,
@@ -183,7 +181,7 @@ def main(argv=None):
     results = summarize(args, device, config, n_train, n_test, seconds, epoch_flops)
     results["eval_images_per_s"] = eval_images_per_s
     print_table(results)
-    write_results(args.json, results)
+    write_results(args, results, device)
     return results
 
 
@@ -227,7 +225,7 @@ def summarize(args, device, config, n_train, n_test, seconds, epoch_flops):
     ours_s, baseline_s, bound_s = (min(seconds[name]) for name in ("ours", "baseline", "bound"))
     return {
         "device": str(device),
-        "device_name": device_name(device),
+        "device_name": machine(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model_config": {**asdict(config), "hidden_dims": list(config.hidden_dims)},
@@ -256,17 +254,6 @@ def eval_throughput(model, images, k, device):
     model.eval()
     seconds, _ = timed(lambda: iwae_nll(model, images, k), device)
     return images.shape[0] / seconds
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def print_table(r):

@@ -7,8 +7,13 @@ exit status 130. Bad flags are usage errors (argparse's message and exit status 
 
 import argparse
 import functools
+import os
+import platform
+import shlex
 import sys
+import time
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -128,8 +133,11 @@ def add_json_arg(parser, what="the results"):
 
 
 def parse(parser, argv):
-    """A script's parsed flags and its torch.device; a device that is not there is a usage error."""
+    """A script's parsed flags and its torch.device; a device that is not there is a usage error. The flags also
+    carry the command line and the time it started, for write_results."""
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", parser.prog, *map(str, sys.argv[1:] if argv is None else argv)])
+    args.started = time.perf_counter()
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -147,8 +155,25 @@ def load_model(args, device):
     return state, model, args.data_dir or state["train_config"]["data_dir"]
 
 
-def write_results(path, results):
-    """Write a script's results to its --json file (none: nothing), after they were printed."""
-    if path is not None:
-        write_json(path, results)
-        print(f"wrote {path}")
+def write_results(args, results, device):
+    """Write a script's results to its --json file (none: nothing), after they were printed, with how they were
+    made: the command, the machine, torch, and the wall time."""
+    if args.json is not None:
+        made_by = {
+            "command": args.command,
+            "machine": machine(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "wall_seconds": round(time.perf_counter() - args.started, 1),
+        }
+        write_json(args.json, {**results, "made_by": made_by})
+        print(f"wrote {args.json}")
+
+
+def machine(device):
+    """The GPU's name, or the CPU's and its cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []  # Linux
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"

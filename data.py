@@ -201,18 +201,10 @@ def load_train_set(data_dir, device, limit=None):
     return images.to(device), labels.to(device)
 
 
-def batches(images, batch_size, shuffle=False, pixels="grey", generator=None):
-    """Yield mini-batches of a split held on the device, by index: no DataLoader, no per-image transforms.
-
-    Each batch is presented (`present`) as it is drawn: a binarized or dequantized image is drawn anew every
-    time it is used.
-    """
-    for x, _ in labelled_batches(images, None, batch_size, shuffle, pixels, generator):
-        yield x
-
-
 def labelled_batches(images, labels, batch_size, shuffle=False, pixels="grey", generator=None):
-    """batches, with each batch's labels: (x, y), y the labels (B,) of x's very images (None if labels is)."""
+    """Yield mini-batches (x, y) of a split held on the device, by index: no DataLoader, no per-image transforms;
+    y holds the labels (B,) of x's very images (None if labels is). Each batch is presented (`present`) as it is
+    drawn: a binarized or dequantized image is drawn anew every time it is used."""
     n = images.shape[0]
     order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
     for start in range(0, n, batch_size):

@@ -92,7 +92,7 @@ def main(argv=None):
     if state["train_config"]["pixels"] == "dequantized":  # a density of (k + u)/256 bounds the 8-bit likelihood
         results["bits_per_dim_8bit"] = bits_per_dim_8bit(results["test_nll"])
     print_table(args.checkpoint, results)
-    write_results(args.json, results)
+    write_results(args, results, device)
     return results
 
 

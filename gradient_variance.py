@@ -120,7 +120,7 @@ def main(argv=None):
     Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
     write_png(figure(results), Path(args.plots_dir) / FIGURE)
     print(f"wrote {Path(args.plots_dir) / FIGURE}")
-    write_results(args.json, results)
+    write_results(args, results, device)
     return results
 
 

@@ -36,8 +36,8 @@ LOOP = ["--limit", str(N_TRAIN), "--batch-size", str(BATCH), "--hidden-dims", "1
 
 @pytest.fixture
 def training_steps(monkeypatch):
-    """Every training step's call of VAE.loss, as the model met it: {x: the batch, neg_bound: the per-image negative bound it
-    returned, weights: the model's weights before it, rng: the CPU random state before it} (copies)."""
+    """Every training step's call of VAE.loss, as the model met it: {x: the batch, neg_bound: the per-image negative
+    bound it returned, weights: the model's weights before it, rng: the CPU random state before it} (copies)."""
     seen = []
     real_loss = VAE.loss
 
