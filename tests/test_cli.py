@@ -320,7 +320,6 @@ def test_kill_9_during_a_checkpoint_write_then_resume(scripts, tmp_path, tiny_ru
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (run / "ckpt.pt.tmp").stat().st_size > 0  # it did die in mid-write
