@@ -5,6 +5,7 @@ weights_only=True) reads it and no checkpoint can run code. train.py writes <out
 epoch, beside the log of the run, <out-dir>/log.jsonl.
 """
 
+import json
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -66,3 +67,9 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot build the model from it: {str(e).splitlines()[0]}") from e
     return state, model.to(device).eval()
+
+
+def read_log(path):
+    """A run's log.jsonl as a list of records ([] if there is none), without a last line torn by a crash."""
+    lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]

@@ -19,6 +19,7 @@ from checkpoints import (
     LOG_FILE,
     CheckpointError,
     load_checkpoint,
+    read_log,
     save_checkpoint,
 )
 from cli import add_config_args, add_device_arg, config_from_args, fail, interrupted, parse, script
@@ -331,18 +332,12 @@ def resume_run(out_dir, device, settings=None):
     print(f"resuming {path} after epoch {epoch} (its model and training settings are kept)")
     run = Run(config, model, optimizer, *load_data(config, device), epoch, device)
     # A stop after an epoch's log line (or frame) but before its checkpoint: the resumed run writes them anew.
-    records = [line for line in read_log(run.dir / LOG_FILE) if json.loads(line)["epoch"] <= epoch]
-    write_atomic(run.dir / LOG_FILE, lambda f: f.write("".join(line + "\n" for line in records).encode()))
+    lines = "".join(json.dumps(record) + "\n" for record in read_log(run.dir / LOG_FILE) if record["epoch"] <= epoch)
+    write_atomic(run.dir / LOG_FILE, lambda f: f.write(lines.encode()))
     for frame_path in (run.dir / FRAMES_DIR).glob("*.png"):
         if int(frame_path.stem) > epoch:
             frame_path.unlink()
     return run
-
-
-def read_log(path):
-    """The log's lines, without a last line torn by a crash in mid-write."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [line for line in lines if line.endswith("}")]
 
 
 def load_data(config, device):

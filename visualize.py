@@ -9,7 +9,6 @@ continuous-Bernoulli one, and shows why a CB decoder's images are displayed as i
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from checkpoints import CKPT_FILE, FRAMES_DIR, LOG_FILE, CheckpointError, load_checkpoint
+from checkpoints import CKPT_FILE, FRAMES_DIR, LOG_FILE, CheckpointError, load_checkpoint, read_log
 from cli import add_device_arg, add_model_args, load_model, parse, script
 from data import load_mnist, load_test_set
 from files import write_atomic, write_png
@@ -36,7 +35,6 @@ FILM_GREY_LEVELS = 32  # of 256: a GIF of 30 such frames is about 2 MB, not 5
 COMPARE_FILE = "compare_bernoulli_cb.png"
 WAYS_FILE = "ways_of_fitting.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
-LOG_KEYS = {"epoch", "train_bound", "train_loss", "test_loss", "test_kl"}  # of train.py's log.jsonl, the ones plotted
 
 
 # --------------------------------------------------------------------------------------------- latent geometry
@@ -233,21 +231,6 @@ def write_film(frames_dir, path):
     print(f"wrote {path} ({len(film)} frames)")
 
 
-def read_log(log_path):
-    """The training log as a list of records, or None (with a printed notice) if there is none to read."""
-    if not log_path.is_file():
-        print(f"no training log at {log_path}; skipping the training curves")
-        return None
-    try:
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        if records and all(isinstance(r, dict) and LOG_KEYS <= r.keys() for r in records):
-            return records
-    except (OSError, ValueError):  # unreadable; not text; not JSON
-        pass
-    print(f"{log_path} is empty, unreadable or not a training log of this project; skipping the training curves")
-    return None
-
-
 def training_curves_figure(records):
     epochs = [r["epoch"] for r in records]
     # The training loss is averaged over the epoch while the model improves, and is the bound the run
@@ -362,7 +345,7 @@ def load_runs(run_dirs):
     for ckpt_path in (Path(d) / CKPT_FILE for d in run_dirs):
         state, _ = load_checkpoint(ckpt_path)
         records = read_log(ckpt_path.with_name(LOG_FILE))
-        if records is None:
+        if not records:
             raise CheckpointError(
                 f"{ckpt_path.with_name(LOG_FILE)} is needed for --ways-of-fitting; train the run anew"
             )
@@ -415,8 +398,10 @@ def plot_all(state, model, data_dir, run_dir, device, plots_dir):
         save(class_grid_figure(model), plots_dir / "class_grid.png")
         save(analogies_figure(model, images, labels), plots_dir / "analogies.png")
     records = read_log(run_dir / LOG_FILE)
-    if records is not None:
+    if records:
         save(training_curves_figure(records), plots_dir / "training_curves.png")
+    else:
+        print(f"no training log at {run_dir / LOG_FILE}; skipping the training curves")
     if any((run_dir / FRAMES_DIR).glob("*.png")):
         write_film(run_dir / FRAMES_DIR, plots_dir / "training.gif")
 

@@ -121,20 +121,6 @@ def test_the_figures_encode_the_test_images_as_the_model_was_trained_on_them(
         assert torch.equal(images, expected) and not torch.equal(images, grey)
 
 
-@pytest.mark.parametrize("log", [None, "", "not json\n", '{"epoch": 1}\n', "[1, 2]\n"])
-def test_a_missing_or_unreadable_log_skips_the_training_curves_with_a_notice(log, tmp_path, capsys):
-    log_path = tmp_path / "log.jsonl"
-    if log is not None:
-        log_path.write_text(log)
-    assert visualize.read_log(log_path) is None
-    assert "skipping the training curves" in capsys.readouterr().out
-
-
-def test_the_log_is_read_as_train_py_writes_it(cb_checkpoint):
-    (record,) = visualize.read_log(cb_checkpoint.parent / "log.jsonl")
-    assert record["epoch"] == 1 and visualize.LOG_KEYS <= record.keys()
-
-
 def test_compare(bernoulli_checkpoint, cb_checkpoint, tmp_path):
     visualize.main(
         ["--compare", str(bernoulli_checkpoint), str(cb_checkpoint), "--plots-dir", str(tmp_path), "--device", "cpu"]
