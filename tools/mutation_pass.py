@@ -45,6 +45,7 @@ VISUALIZE = "tests/test_visualize.py"
 CONDITIONAL = "tests/test_conditional.py"
 EXACT = "tests/test_exact.py"
 PRETRAINED = "tests/test_pretrained.py"
+EXPLORER = "tests/test_explorer.py"
 
 
 @dataclass
@@ -670,6 +671,23 @@ MUTANTS = [
         "(log_q - self.log_joint)",
         [EXACT],
         "exact",
+    ),
+    # --- the explorer page: what explorer.py embeds (its JavaScript's mutants are in docs/explorer.md)
+    Mutant(
+        "explorer-any-latent",
+        "explorer.check_model",
+        "if c.arch != 'mlp' or c.latent_dim != 2:",
+        "if c.arch != 'mlp':",
+        [EXPLORER],
+        "explorer",
+    ),
+    Mutant(
+        "explorer-no-biases",
+        "explorer.linear",
+        "'b': encoded(b, '<f4')",
+        "'b': encoded(0 * b, '<f4')",
+        [EXPLORER],
+        "explorer",
     ),
 ]
 
