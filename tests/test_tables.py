@@ -1,0 +1,70 @@
+"""What the pages print comes from the repository: every results table of README.md and docs/ is what
+tools/tables.py writes from its committed JSON files, and the flags and keys that docs/reliability.md lists are
+those the code has and writes."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import tables  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_table_is_what_its_files_give(capsys):
+    assert tables.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_a_number_changed_in_a_file_makes_its_tables_stale(tmp_path, monkeypatch, capsys):
+    for part in ("README.md", "docs", "results", "pretrained"):
+        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
+        copy(ROOT / part, tmp_path / part)
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    path = tmp_path / "results" / "default.json"
+    r = json.loads(path.read_text())
+    path.write_text(json.dumps({**r, "test_neg_elbo": r["test_neg_elbo"] + 0.01}))
+    assert tables.main(["--check"]) == 1
+    assert "README.md: headline" in capsys.readouterr().out
+    tables.main([])  # rewritten, the pages hold the new number
+    assert tables.main(["--check"]) == 0
+    assert f"{r['test_neg_elbo'] + 0.01:.2f}" in (tmp_path / "README.md").read_text()
+
+
+def listed(name):
+    """The names in the first column of the key table `name` of docs/reliability.md."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    (block,) = re.findall(rf"<!-- keys {name} -->\n(.*?)<!-- end of keys -->", text, re.S)
+    return {re.match(r"\| `([^`]+)`", line)[1] for line in block.splitlines()[2:]}
+
+
+def test_the_resumable_flags_listed_are_the_ones_resume_takes():
+    assert listed("resumable") == {"--" + name.replace("_", "-") for name in train.RESUMABLE}
+
+
+def test_the_log_keys_listed_are_the_ones_train_py_writes(tiny_run):
+    written = set()
+    for flags in ([], ["--objective", "iwae", "--k", "2"]):
+        for record in map(json.loads, (tiny_run(*flags) / "log.jsonl").read_text().splitlines()):
+            written |= {re.sub(r"\d+$", "<k>", key) for key in record}
+    assert listed("log") == written
+
+
+def test_the_json_keys_listed_are_the_ones_evaluate_py_writes(tiny_run, tmp_path):
+    committed = [
+        json.loads(p.read_text()) for p in [*(ROOT / "results").glob("*.json"), *(ROOT / "pretrained").glob("*.json")]
+    ]
+    written = set().union(*(r.keys() for r in committed if "test_neg_elbo" in r))
+    fresh = evaluate.main(
+        ["--checkpoint", str(tiny_run() / "ckpt.pt"), "--k", "2", "--limit", "16", "--exact-images", "2"]
+    )
+    assert fresh.keys() <= written
+    assert listed("evaluate") == written - {"made_by"}
