@@ -142,16 +142,6 @@ def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, tiny_run,
         assert not torch.equal(saved["model"][name], steps[0]["weights"][name]), f"{name} never moved"
 
 
-def test_beta_is_refused_for_the_iwae_objective(tmp_path, capsys):
-    """--beta weighs the ELBO's KL term; L_k has none, so --objective iwae with --beta 2 is a usage error."""
-    with pytest.raises(ValueError, match="beta"):
-        train.TrainConfig(objective="iwae", beta=2.0)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--objective", "iwae", "--beta", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 2 and "--beta" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @torch.no_grad()
 def test_networks_are_not_affine_and_use_their_activation(make_vae, arch):

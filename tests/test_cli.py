@@ -66,27 +66,29 @@ def resume(scripts, run, epochs=2):
 
 
 @pytest.mark.parametrize(
-    "flag, value, says",
+    "flags, says",
     [
-        ("--epochs", "0", "epochs must be a number >= 1"),
-        ("--epochs", "1.5", "invalid int value"),
-        ("--batch-size", "-1", "batch_size must be a number >= 1"),
-        ("--latent-dim", "two", "invalid int value"),
-        ("--lr", "0", "lr must be a number > 0"),
-        ("--lr", "nan", "lr must be a number > 0"),
-        ("--beta", "-0.5", "beta must be a number >= 0"),
-        ("--beta", "inf", "beta must be a number >= 0"),
-        ("--k", "0", "k must be a number >= 1"),
-        ("--kl-warmup", "-1", "kl_warmup must be a number >= 0"),
-        ("--limit", "0", "limit must be a number >= 1"),
-        ("--hidden-dims", "200,,200", "comma-separated integers"),
-        ("--hidden-dims", "200,0", "hidden_dims must be a number >= 1"),
-        ("--likelihood", "gaussian", "bernoulli"),
-        ("--device", "tpu", "cuda"),
+        ("--epochs 0", "epochs must be a number >= 1"),
+        ("--epochs 1.5", "invalid int value"),
+        ("--batch-size -1", "batch_size must be a number >= 1"),
+        ("--latent-dim two", "invalid int value"),
+        ("--lr 0", "lr must be a number > 0"),
+        ("--lr nan", "lr must be a number > 0"),
+        ("--beta -0.5", "beta must be a number >= 0"),
+        ("--beta inf", "beta must be a number >= 0"),
+        ("--k 0", "k must be a number >= 1"),
+        ("--kl-warmup -1", "kl_warmup must be a number >= 0"),
+        ("--limit 0", "limit must be a number >= 1"),
+        ("--hidden-dims 200,,200", "comma-separated integers"),
+        ("--hidden-dims 200,0", "hidden_dims must be a number >= 1"),
+        ("--likelihood gaussian", "bernoulli"),
+        ("--device tpu", "cuda"),
+        ("--objective iwae --beta 2", "--beta 2 weighs the ELBO's KL term; L_k has none"),
+        ("--objective iwae --kl-warmup 2", "--kl-warmup ramps the ELBO's KL term; L_k has none"),
     ],
 )
-def test_a_value_its_setting_cannot_take_is_a_usage_error(scripts, tmp_path, flag, value, says):
-    code, _, err = scripts.run(train.main, flag, value, "--out-dir", tmp_path / "run")
+def test_a_value_its_setting_cannot_take_is_a_usage_error(scripts, tmp_path, flags, says):
+    code, _, err = scripts.run(train.main, *flags.split(), "--out-dir", tmp_path / "run")
     assert code == 2
     scripts.the_error(err, says)
     assert not (tmp_path / "run").exists()

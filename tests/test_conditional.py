@@ -262,12 +262,6 @@ def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, tiny_r
     assert a[-1]["test_loss"] == pytest.approx(a[-1]["test_recon"] + a[-1]["test_kl"], rel=1e-6)
 
 
-def test_warm_up_is_refused_for_the_iwae_objective(capsys, tiny_run, tmp_path):
-    with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_run.argv(tmp_path / "run", "--objective", "iwae", "--k", "2", "--kl-warmup", "2"))
-    assert stopped.value.code == 2 and "--kl-warmup" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------- the figures
 
 

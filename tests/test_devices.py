@@ -71,38 +71,6 @@ def test_evaluation_makes_no_float64_on_the_device(make_vae, likelihood):
     assert isinstance(nll, float)
 
 
-def test_importance_samples_go_in_large_chunks_on_a_gpu(make_vae, monkeypatch):
-    """On the CPU the k samples of a batch go in 16 MiB chunks (the allocator reuses them); on a GPU in chunks
-    16 times larger, so that k = 5000 is tens of launches per batch, not hundreds, with memory still bounded."""
-    k, batch_size, bytes_per = 5000, 500, 4
-    cpu = scoring.samples_per_chunk(k, batch_size, torch.device("cpu"))
-    assert cpu * batch_size * 784 * bytes_per <= 16 * 2**20
-    for device in (torch.device("cuda"), torch.device("mps"), META):
-        chunk = scoring.samples_per_chunk(k, batch_size, device)
-        assert chunk >= 16 * cpu and chunk * batch_size * 784 * bytes_per <= 256 * 2**20
-    # ... and the estimator uses the chunk of the images' device.
-    model = make_vae(latent_dim=4, hidden_dims=(32,), activation="relu").to(META)
-    images = torch.rand(batch_size, 1, 28, 28, device=META)
-    calls = []
-    real_log_weights = model.log_weights
-    monkeypatch.setattr(model, "log_weights", lambda x, n, *args: calls.append(n) or real_log_weights(x, n, *args))
-    scoring.log_likelihood_estimates(model, images, k, batch_size)
-    assert sum(calls) == k and len(calls) <= 40
-
-
-def test_knn_blocks_grow_on_a_gpu(monkeypatch):
-    """The test-to-training distances go in blocks of the device's size: few large ones on a GPU."""
-    blocks = []
-    real_cdist = torch.cdist
-    monkeypatch.setattr(torch, "cdist", lambda a, b: blocks.append(a.shape[0]) or real_cdist(a, b))
-    queries, reference = torch.zeros(10000, 4, device=META), torch.zeros(60000, 4, device=META)
-    labels = torch.zeros(60000, dtype=torch.long, device=META)
-    with StandInAccelerator():
-        scoring.knn_accuracy(queries, labels[:10000], reference, labels)
-    assert sum(blocks) == 10000 and len(blocks) <= 10
-    assert max(blocks) * 60000 * 4 <= 256 * 2**20
-
-
 # --------------------------------------------------------------------------------------------- --resume
 
 
