@@ -10,17 +10,22 @@ and, from the posterior means:
   15-NN accuracy  digit classification, with the training images as the reference set (the measure
                   Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs).
 For a model with a 2-D latent also the exact -log p(x), by quadrature over the latent plane (on the first
---exact-images test images: a grid of 201 x 201 decoder passes per image). For a conditional model, -log p(x|y)
-(the images' own labels), the marginal -log p(x) = -log (1/10) sum_y p(x|y) from the same estimates, and the
-accuracy of the model as a generative classifier, argmax_y L_k(x|y) (Kingma et al. 2014): k importance samples
-for each of the ten labels.
+--exact-images test images: a scan of the prior's box for them all, then a grid for each, refined until it
+resolves the integral), and with --per-image a record per image of the bounds beside it. For a conditional
+model, -log p(x|y) (the images' own labels), the marginal -log p(x) = -log (1/10) sum_y p(x|y) from the same
+estimates, and the accuracy of the model as a generative classifier, argmax_y L_k(x|y) (Kingma et al. 2014):
+k importance samples for each of the ten labels.
 """
 
 import argparse
 import functools
 import math
+import os
+import platform
+import shlex
 import signal
 import sys
+import time
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
@@ -29,24 +34,39 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 from tqdm import tqdm
 
-from cli import add_device_arg, add_json_arg, add_model_args, load_model, parse, positive_int, script, write_results
+from cli import (
+    add_device_arg,
+    add_json_arg,
+    add_model_args,
+    load_model,
+    non_negative_int,
+    parse,
+    positive_int,
+    script,
+    write_results,
+)
 from data import IMPORTANCE_SEED, load_reference_set, load_test_set
+from files import PathError, check_output_file, write_json
 from scoring import (
     BATCH_SIZE,
     N_NEIGHBORS,
     active_units,
     bits_per_dim,
     bits_per_dim_8bit,
+    check_grid,
     conditional_scores,
-    exact_log_likelihood,
+    exact_elbo,
     iwae_nll,
     knn_accuracy,
     label_log_likelihoods,
+    log_likelihood_estimates,
     mean_neg_elbo,
+    posterior_grids,
     posterior_means,
 )
 
-EXACT_IMAGES = 1000  # 201 x 201 decoder passes an image, 8 times what k = 5000 costs
+EXACT_IMAGES = 1000  # about 8000 decoder passes an image for the default model: 1.6 times what k = 5000 costs
+PER_IMAGE_KS = (5000, 50000)  # the bounds beside log p(x) in each --per-image record
 
 
 def build_parser():
@@ -70,9 +90,16 @@ def build_parser():
     )
     p.add_argument(
         "--exact-images",
-        type=positive_int,
+        type=non_negative_int,
         default=EXACT_IMAGES,
-        help="for a 2-D latent, the exact -log p(x) on the first N of the test images (default: %(default)s)",
+        help="for a 2-D latent, the exact -log p(x) on the first N test images, 0 for none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-image",
+        metavar="PATH",
+        default=None,
+        help="for a 2-D latent, also write to this JSON file a record per image of the --exact-images: log p(x), "
+        f"a second grid's check of it, the ELBO, KL(q || p(z|x)), L_k for k = {', '.join(map(str, PER_IMAGE_KS))}",
     )
     add_json_arg(p)
     add_device_arg(p)
@@ -81,14 +108,24 @@ def build_parser():
 
 @script
 def main(argv=None):
-    args, device = parse(build_parser(), argv)
+    started = time.perf_counter()
+    parser = build_parser()
+    args, device = parse(parser, argv)
+    if args.per_image is not None:
+        try:
+            check_output_file(args.per_image, "--per-image")
+        except PathError as e:
+            parser.error(str(e))
     state, model, data_dir = load_model(args, device)  # the images exactly as in training (pixels)
     test = load_test_set(data_dir, state["train_config"]["pixels"], device, args.limit)  # (images, labels)
     reference = load_reference_set(data_dir, state["train_config"]["pixels"], device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    exact, grids = {}, []
+    if model.config.latent_dim == 2 and args.exact_images > 0:
+        exact, grids = score_exactly(model, *(t[: args.exact_images] for t in test))
     results = {
         **score(model, test, reference, args.k, args.batch_size, generator),
-        **(score_exactly(model, *(t[: args.exact_images] for t in test)) if model.config.latent_dim == 2 else {}),
+        **exact,
         "n_images": test[0].shape[0],
         "k": args.k,
         "model_config": state["model_config"],
@@ -99,6 +136,10 @@ def main(argv=None):
         results["bits_per_dim_8bit"] = bits_per_dim_8bit(results["test_nll"])
     print_table(args.checkpoint, results)
     write_results(args.json, results)
+    if args.per_image is not None and grids:
+        records = per_image(model, *(t[: len(grids)] for t in test), grids, args.batch_size, args.seed)
+        write_json(args.per_image, {**provenance(argv, started), "images": records}, "--per-image")
+        print(f"wrote {args.per_image}")
     return results
 
 
@@ -128,14 +169,67 @@ def score(model, test, reference, k, batch_size, generator):
 
 
 def score_exactly(model, images, labels):
-    """-log p(x) (or -log p(x|y)) by quadrature, averaged over `images` (a 2-D model), and how negligible the
-    integrand was at the grids' borders (the smallest distance below the peak, in nats)."""
-    bar = tqdm(images, desc="exact log p(x)", unit="image", leave=False)
-    log_px, border_nats = exact_log_likelihood(model, bar, labels=labels)  # an unconditional model ignores them
+    """-log p(x) (or -log p(x|y)) by quadrature, averaged over `images` (a 2-D model), the worst of the grids'
+    border margins (the least distance, in nats, of the integrand on a border below its peak) and of their
+    resolutions (the largest change in log p(x) from a grid to every other point of it); and the grids."""
+    bar = functools.partial(tqdm, total=len(images), desc="exact log p(x)", unit="image", leave=False)
+    grids = posterior_grids(model, images, labels, progress=bar)  # an unconditional model ignores the labels
     return {
-        "test_nll_exact": -log_px.mean().item(),
+        "test_nll_exact": -sum(g.log_px for g in grids) / len(grids),
         "exact_n_images": images.shape[0],
-        "exact_border_nats": border_nats.min().item(),
+        "exact_min_border_nats": min(g.border_nats for g in grids),
+        "exact_max_resolution_nats": max(g.resolution_nats for g in grids),
+    }, grids
+
+
+def per_image(model, images, labels, grids, batch_size, seed):
+    """One record per image of a 2-D model, with its grid: its test-set index and label, log p(x) and a second
+    grid's value of it (check_grid), the ELBO (by quadrature), KL(q || p(z|x)) and L_k for PER_IMAGE_KS (each
+    drawn from `seed`), nats."""
+    with torch.inference_mode():
+        mu, logvar = model.encode(images, labels)
+    elbo = exact_elbo(model, images, labels=labels)
+    bounds = {}
+    for k in PER_IMAGE_KS:
+        bar = functools.partial(
+            tqdm, total=math.ceil(len(images) / batch_size), desc=f"L_{k}", unit="batch", leave=False
+        )
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        bounds[k] = log_likelihood_estimates(model, images, k, batch_size, generator, bar, labels).tolist()
+    rows = tqdm(
+        zip(images, labels, grids, strict=True), total=len(grids), desc="check grids", unit="image", leave=False
+    )
+    checks = [check_grid(model, x, g, y).log_px for x, y, g in rows]  # an unconditional model ignores y
+    return [
+        {
+            "index": i,
+            "label": int(labels[i]),
+            "log_px": g.log_px,
+            "log_px_check": checks[i],
+            "elbo": elbo[i].item(),
+            "kl_q_posterior": g.kl_from(mu[i], logvar[i]),
+            **{f"l_{k}": bounds[k][i] for k in PER_IMAGE_KS},
+            "border_nats": g.border_nats,
+            "resolution_nats": g.resolution_nats,
+        }
+        for i, g in enumerate(grids)
+    ]
+
+
+def provenance(argv, started):
+    """The command, the machine and the wall time so far, for a results file that outlives the run."""
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):  # Linux names the CPU there, not in platform.processor()
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), cpu)
+    return {
+        "command": shlex.join(["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
+        "hardware": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
     }
 
 
@@ -153,8 +247,8 @@ def print_table(checkpoint, r):
     if "test_nll_exact" in r:
         print(
             f"  -log p(x{given}  {r['test_nll_exact']:9.3f} nats/image  (exact, by quadrature, first "
-            f"{r['exact_n_images']} images; integrand at the grids' borders >= {r['exact_border_nats']:.0f} nats "
-            f"below its peak)"
+            f"{r['exact_n_images']} images; every grid's border >= {r['exact_min_border_nats']:.0f} nats below its "
+            f"peak, and every other point of it within {r['exact_max_resolution_nats']:.3f} nats of its integral)"
         )
     print(f"  -log p(x)        {r['bits_per_dim']:9.4f} bits/pixel")
     if "bits_per_dim_8bit" in r:
