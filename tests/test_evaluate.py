@@ -350,6 +350,15 @@ def test_bad_k_is_a_usage_error(k):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("n", ["-1", "all"])
+def test_bad_exact_images_is_a_usage_error(n, capsys):
+    """--exact-images takes 0 (no exact pass) and up, nothing else."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--exact-images", n])
+    assert exit_info.value.code == 2
+    assert "expected a non-negative integer" in capsys.readouterr().err
+
+
 def check_one_line_error(capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(argv)
@@ -385,7 +394,10 @@ def test_checkpoint_without_its_binarization_is_a_one_line_error(evaluated, tmp_
     check_one_line_error(capsys, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"], "pixels (one of")
 
 
-def test_json_into_a_missing_folder_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("flag", ["--json", "--per-image"])
+def test_results_into_a_missing_folder_is_a_usage_error(tmp_path, flag, capsys):
+    """Before any work: a file that cannot be written is a usage error, naming its flag."""
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--json", str(tmp_path / "no" / "such" / "results.json")])
+        evaluate.main([flag, str(tmp_path / "no" / "such" / "results.json")])
     assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
