@@ -26,6 +26,7 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     # Ctrl-C while the imports below load torch: one line and exit status 130, as later on (cli.script takes over)
@@ -218,13 +219,13 @@ def per_image(model, images, labels, grids, batch_size, seed):
 
 def provenance(argv, started):
     """The command, the machine and the wall time so far, for a results file that outlives the run."""
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):  # Linux names the CPU there, not in platform.processor()
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), cpu)
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU there, not in platform.processor()
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":")[1].strip() for line in lines if line.startswith("model name")]
     return {
         "command": shlex.join(["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
         "hardware": {
-            "cpu": cpu,
+            "cpu": names[0] if names else platform.processor(),
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
