@@ -16,6 +16,7 @@ import argparse
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torchvision
@@ -136,7 +137,9 @@ def batch_counts(n, batch_size):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p, VAEConfig, "model", defaults=EXAMPLES_CONFIG)
     add_device_arg(p)
     p.add_argument("--epochs", type=positive_int, default=3, help="timed epochs of each, after one warm-up epoch")
@@ -181,7 +184,7 @@ def main(argv=None):
     results = summarize(args, device, config, n_train, n_test, seconds, epoch_flops)
     results["eval_images_per_s"] = eval_images_per_s
     print_table(results)
-    write_results(args, results, device)
+    write_results(args.json, results, args, device)
     return results
 
 

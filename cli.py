@@ -56,17 +56,18 @@ def script(main):
 
 
 def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    return int_at_least(text, 0, "a non-negative integer")
+
+
+def int_at_least(text, least, what):
+    """The flag's integer, if it is one and at least `least`; a usage error that says what it must be otherwise."""
+    if not text.lstrip("-").isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return int(text)
 
 
 def int_list(text):
@@ -155,10 +156,10 @@ def load_model(args, device):
     return state, model, args.data_dir or state["train_config"]["data_dir"]
 
 
-def write_results(args, results, device):
-    """Write a script's results to its --json file (none: nothing), after they were printed, with how they were
-    made: the command, the machine, torch, and the wall time."""
-    if args.json is not None:
+def write_results(path, results, args, device):
+    """Write a script's results to a JSON file (path None: nothing), after they were printed, with how they were
+    made: the command, the machine, torch, and the wall time so far."""
+    if path is not None:
         made_by = {
             "command": args.command,
             "machine": machine(device),
@@ -166,8 +167,8 @@ def write_results(args, results, device):
             "threads": torch.get_num_threads(),
             "wall_seconds": round(time.perf_counter() - args.started, 1),
         }
-        write_json(args.json, {**results, "made_by": made_by})
-        print(f"wrote {args.json}")
+        write_json(path, {**results, "made_by": made_by})
+        print(f"wrote {path}")
 
 
 def machine(device):

@@ -34,7 +34,9 @@ MARGIN = 0.05  # of the means' range on each side of the plane, as matplotlib's 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--out", default="docs/explorer.html", help="the page to write (default: %(default)s)")
     return p

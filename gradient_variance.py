@@ -94,7 +94,9 @@ def figure(results):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--objective", choices=OBJECTIVES, default="elbo", help="whose gradient (default: %(default)s)")
     p.add_argument("--images", type=positive_int, default=100, help="the fixed batch (default: %(default)s)")
@@ -120,7 +122,7 @@ def main(argv=None):
     Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
     write_png(figure(results), Path(args.plots_dir) / FIGURE)
     print(f"wrote {Path(args.plots_dir) / FIGURE}")
-    write_results(args, results, device)
+    write_results(args.json, results, args, device)
     return results
 
 

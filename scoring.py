@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data import ELBO_NOISE_SEED, labelled_batches
-from model import N_CLASSES, N_PIXELS, diag_normal_log_prob, kl_std_normal, std_normal_log_prob
+from model import N_CLASSES, N_PIXELS, diag_normal_log_prob, kl_std_normal, log_likelihood, std_normal_log_prob
 
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -113,8 +113,9 @@ def label_log_likelihoods(model, images, k, batch_size=BATCH_SIZE, generator=Non
 
 def conditional_scores(log_px_y, labels):
     """From L_k(x|y) (N, 10) and the true labels (N,): the conditional NLL -log p(x|y), the marginal NLL
-    -log (1/10) sum_y p(x|y) from the same estimates (at most log 10 below the conditional one, image by image),
-    and the accuracy of argmax_y L_k(x|y)."""
+    -log (1/10) sum_y p(x|y) from the same estimates (image by image at most log 10 above the conditional one,
+    the sum holding p(x|y) itself, and far below it where another label explains x better), and the accuracy
+    of argmax_y L_k(x|y)."""
     labels = labels.cpu()
     conditional = log_px_y.gather(1, labels[:, None])[:, 0]  # (N,)
     marginal = torch.logsumexp(log_px_y, dim=1) - math.log(N_CLASSES)  # (N,)
@@ -160,12 +161,19 @@ def bits_per_dim_8bit(nll):
 
 # --------------------------------------------------------------------------------------------- exact, for d = 2
 # With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz is an integral over the plane that a grid computes to any
-# accuracy: the number that the ELBO and L_k bound from below. q(z|x) says where the integrand lives.
+# accuracy: the number that the ELBO and L_k bound from below. A scan of the prior's box finds where the
+# integrand lives (a posterior may have modes that q(z|x) never sees), q sets the grid's first spacing, and the
+# grid is refined until the integral no longer depends on it.
 
-GRID_POINTS = 201  # per axis
-GRID_HALF_WIDTH = 8.0  # q's standard deviations either way of its mean, at first
-GRID_DOUBLINGS = 6  # at most, while the integrand on the border is not negligible
-NEGLIGIBLE_NATS = 30.0  # the border's largest value below the peak: e^-30 ~ 1e-13 of it
+SCAN_HALF_WIDTH = 8.0  # the scan covers [-8, 8]^2: outside it p(z) is below e^-32 of its peak
+SCAN_SPACING = 0.05  # a mode of standard deviation s shows at most (0.025 / s)^2 nats below its peak: 6 for s = 0.01
+NEGLIGIBLE_NATS = 30.0  # the grid's border is this far below its peak: e^-30 ~ 1e-13 of it
+SCAN_NATS = 35.0  # the grid covers every point of the scan this close to the peak: 5 more for what falls between
+GRID_HALF_WIDTH = 8.0  # the grid covers at least q's mean +- this many of its standard deviations
+GRID_SPACING = 0.5  # q's standard deviations between the grid's points, at first
+GRID_DOUBLINGS = 6  # at most, along an axis whose border is not yet NEGLIGIBLE_NATS below the peak
+RESOLUTION_NATS = 0.01  # the grid and every other point of it give integrals this close, or it is refined...
+MAX_POINTS = 1025**2  # ...while it would have no more points (resolution_nats then says how close they came)
 GAUSS_HERMITE_NODES = 80  # per axis, for E_q[log p(x|z)]
 
 
@@ -173,17 +181,18 @@ GAUSS_HERMITE_NODES = 80  # per axis, for E_q[log p(x|z)]
 class PosteriorGrid:
     """log p(x, z) on a grid over the latent plane, for one image: log_joint[i, j] at z = (z1[i], z2[j])."""
 
-    z1: torch.Tensor  # (n,), float64, evenly spaced
-    z2: torch.Tensor  # (n,)
-    log_joint: torch.Tensor  # (n, n)
-    border_nats: float  # how far below its peak the integrand is everywhere on the border
+    z1: torch.Tensor  # (n1,), float64, evenly spaced, n1 odd
+    z2: torch.Tensor  # (n2,)
+    log_joint: torch.Tensor  # (n1, n2)
+    border_nats: float = math.nan  # how far below its peak the integrand is everywhere on the border
+    resolution_nats: float = math.nan  # |log_px - log_px on every other point|, a bound on the rule's error
 
     def points(self):
-        """The grid's z, (n * n, 2), in the order of log_joint.flatten()."""
+        """The grid's z, (n1 * n2, 2), in the order of log_joint.flatten()."""
         return grid_points(self.z1, self.z2)
 
     def log_weights(self):
-        """The trapezoid rule's log weights on the grid, (n, n): the cell's area inside, half or a quarter of it
+        """The trapezoid rule's log weights on the grid, (n1, n2): the cell's area inside, half or a quarter of it
         on the border."""
         w1, w2 = (torch.full_like(z, (z[-1] - z[0]).item() / (len(z) - 1)) for z in (self.z1, self.z2))
         w1[[0, -1]] /= 2
@@ -192,13 +201,13 @@ class PosteriorGrid:
 
     @property
     def log_px(self):
-        """log p(x) = log ∫ p(x, z) dz by the trapezoid rule (exponentially accurate for a smooth integrand that
-        vanishes at the border)."""
+        """log p(x) = log ∫ p(x, z) dz by the trapezoid rule (exponentially accurate where the integrand is smooth
+        and vanishes at the border; a ReLU decoder's kinks make its error fall as the spacing squared)."""
         return torch.logsumexp((self.log_joint + self.log_weights()).flatten(), 0).item()
 
     @property
     def log_posterior(self):
-        """log p(z|x) = log p(x, z) - log p(x) on the grid, (n, n): a density, it integrates to 1."""
+        """log p(z|x) = log p(x, z) - log p(x) on the grid, (n1, n2): a density, it integrates to 1."""
         return self.log_joint - self.log_px
 
     def kl_from(self, mu, logvar):
@@ -210,30 +219,102 @@ class PosteriorGrid:
 
 
 @torch.inference_mode()
-def posterior_grid(model, x, points=GRID_POINTS, y=None):
-    """log p(x, z) = log p(x|z) + log p(z) on a points x points grid for one image x (1, 28, 28) of a model with
-    a 2-D latent. The grid is centred on the mean of q(z|x) and spans GRID_HALF_WIDTH of its standard
-    deviations either way; it doubles its span until the integrand on its border is NEGLIGIBLE_NATS below its
-    peak (at most GRID_DOUBLINGS times; border_nats says how far below it is). y: the image's label (a 0-dim
-    tensor), for a conditional model: the integral is then log p(x|y)."""
+def scan_prior(model, images, labels=None):
+    """For each image, the box (lo, hi), each (N, 2), that holds the points of a grid over [-SCAN_HALF_WIDTH,
+    SCAN_HALF_WIDTH]^2 (spaced SCAN_SPACING) where log p(x, z) is within SCAN_NATS of its largest value
+    there, with a spacing to spare. One decoder pass serves every image: the Bernoulli's and the continuous
+    Bernoulli's log p(x|z) are x . l + log p(0|z) for the logits l of z, linear in x."""
     if model.config.latent_dim != 2:
         raise ValueError(f"the quadrature is over a 2-D latent; this model's is {model.config.latent_dim}-D")
+    axis = torch.arange(-SCAN_HALF_WIDTH, SCAN_HALF_WIDTH + SCAN_SPACING / 2, SCAN_SPACING, dtype=torch.float64)
+    z, x, dtype = grid_points(axis, axis).to(images.device), images.flatten(1), next(model.parameters()).dtype
+    mu = model.encode(images, labels)[0]  # the peak is near q's mean, mostly: few points pass a first threshold
+    peak = (model.log_px_z(images, mu[None], labels)[0] + std_normal_log_prob(mu)).double()  # (N,)
+    lo, hi = (torch.full((len(x), 2), s * math.inf, dtype=torch.float64, device=x.device) for s in (1, -1))
+    groups = labels.unique() if model.config.conditional else [None]  # a conditional decoder, label by label
+    for y in groups:
+        mine = torch.arange(len(x), device=x.device) if y is None else (labels == y).nonzero()[:, 0]
+        found = []
+        for part in z.split(max(1, block_elements(x.device) // max(len(mine), N_PIXELS))):
+            logits = model.decode(part.to(dtype), None if y is None else y.expand(len(part)))  # (C, 1, 28, 28)
+            log_p0 = log_likelihood(logits, torch.zeros_like(logits), model.config.likelihood)
+            log_joint = (x[mine] @ logits.flatten(1).T + log_p0 + std_normal_log_prob(part)).double()  # (n, C)
+            peak[mine] = torch.maximum(peak[mine], log_joint.max(1).values)
+            i, j = (log_joint >= peak[mine, None] - SCAN_NATS).nonzero(as_tuple=True)
+            found.append((mine[i], part[j], log_joint[i, j]))
+        i, near, value = (torch.cat(t) for t in zip(*found, strict=True))
+        keep = value >= peak[i] - SCAN_NATS  # against the final peak: an earlier, lower one let more through
+        lo.scatter_reduce_(0, i[keep, None].expand(-1, 2), near[keep], "amin")
+        hi.scatter_reduce_(0, i[keep, None].expand(-1, 2), near[keep], "amax")
+    return lo - SCAN_SPACING, hi + SCAN_SPACING
+
+
+@torch.inference_mode()
+def posterior_grid(model, x, y=None, box=None):
+    """log p(x, z) on a grid for one image x (1, 28, 28) of a 2-D model (y: its label, a 0-dim tensor, for a
+    conditional model: the integral is then log p(x|y)). The grid covers the scan's box (scan_prior, unless box
+    gives it) and q's mean +- GRID_HALF_WIDTH of its standard deviations, GRID_SPACING of them apart; an axis
+    whose border is not NEGLIGIBLE_NATS below the peak doubles its span (at most GRID_DOUBLINGS times); then the
+    grid is refined (refined)."""
     y = None if y is None else y.reshape(1)
+    lo, hi = (b[0] for b in scan_prior(model, x[None], y)) if box is None else box
     mu, logvar = (t[0].double() for t in model.encode(x[None], y))  # (2,) each
-    half_width = GRID_HALF_WIDTH * torch.exp(0.5 * logvar)
+    spacing, reach = GRID_SPACING * torch.exp(0.5 * logvar), GRID_HALF_WIDTH * torch.exp(0.5 * logvar)
+    lo, hi = torch.minimum(lo, mu - reach), torch.maximum(hi, mu + reach)
     for _ in range(GRID_DOUBLINGS + 1):
-        z1, z2 = (
-            torch.linspace(-1, 1, points, dtype=torch.float64, device=x.device) * h + m
-            for m, h in zip(mu, half_width, strict=True)
-        )
-        z = grid_points(z1, z2)  # (n * n, 2)
-        log_joint = (log_likelihood_at(model, x, z, y) + std_normal_log_prob(z)).reshape(points, points)
-        border = torch.cat([log_joint[[0, -1]].flatten(), log_joint[:, [0, -1]].flatten()]).max()
-        border_nats = (log_joint.max() - border).item()
-        if border_nats >= NEGLIGIBLE_NATS:
+        n = (2 * torch.ceil((hi - lo) / (2 * spacing)) + 1).clamp(max=math.isqrt(MAX_POINTS)).long().tolist()
+        z1, z2 = axes(lo, hi, n)
+        log_joint = log_joint_at(model, x, grid_points(z1, z2), y).reshape(n)
+        below = log_joint.max() - torch.stack([log_joint[[0, -1]].max(), log_joint[:, [0, -1]].max()])  # per axis
+        wide = below < NEGLIGIBLE_NATS
+        if not wide.any():
             break
-        half_width = 2 * half_width
-    return PosteriorGrid(z1, z2, log_joint, border_nats)
+        centre, half = (lo + hi) / 2, (hi - lo) / 2
+        lo, hi = torch.where(wide, centre - 2 * half, lo), torch.where(wide, centre + 2 * half, hi)
+    return refined(model, x, PosteriorGrid(z1, z2, log_joint, below.min().item()), y)
+
+
+def refined(model, x, grid, y=None):
+    """The grid, its spacing halved (only the new points decoded) until its log_px agrees with that on every
+    other point within RESOLUTION_NATS or it would exceed MAX_POINTS; resolution_nats says how close they came."""
+    while True:
+        z1, z2, log_joint = grid.z1, grid.z2, grid.log_joint
+        grid.resolution_nats = abs(grid.log_px - PosteriorGrid(z1[::2], z2[::2], log_joint[::2, ::2]).log_px)
+        if grid.resolution_nats <= RESOLUTION_NATS or (2 * len(z1) - 1) * (2 * len(z2) - 1) > MAX_POINTS:
+            return grid
+        z1, z2 = (torch.linspace(z[0], z[-1], 2 * len(z) - 1, dtype=torch.float64, device=z.device) for z in (z1, z2))
+        new = torch.ones(len(z1), len(z2), dtype=torch.bool, device=z1.device)
+        new[::2, ::2] = False  # the old points: only the new ones, in between, are decoded
+        log_joint = log_joint.new_empty(new.shape).masked_scatter_(~new, log_joint)
+        log_joint[new] = log_joint_at(model, x, grid_points(z1, z2)[new.flatten()], y)
+        grid = PosteriorGrid(z1, z2, log_joint, grid.border_nats)
+
+
+@torch.inference_mode()
+def check_grid(model, x, grid, y=None, half_width=10.0, points=201):
+    """A second grid for the same integral, placed by neither the scan nor q: centred on the mean of p(z|x) on
+    `grid`, half_width of its standard deviations either way, points per axis at first (then refined)."""
+    y = None if y is None else y.reshape(1)
+    p = torch.exp(grid.log_posterior + grid.log_weights())[..., None]  # the posterior's mass at each point
+    z = grid.points().reshape(*p.shape[:2], 2)
+    mean = (p * z).sum((0, 1))
+    sd = (p * (z - mean) ** 2).sum((0, 1)).sqrt()
+    z1, z2 = axes(mean - half_width * sd, mean + half_width * sd, (points, points))
+    log_joint = log_joint_at(model, x, grid_points(z1, z2), y).reshape(points, points)
+    return refined(model, x, PosteriorGrid(z1, z2, log_joint), y)
+
+
+def posterior_grids(model, images, labels=None, progress=iter):
+    """posterior_grid for every image (N, 1, 28, 28), with one scan for them all; progress wraps the images."""
+    lo, hi = scan_prior(model, images, labels)
+    labels = [None] * len(images) if labels is None else labels
+    rows = progress(zip(images, labels, lo, hi, strict=True))
+    return [posterior_grid(model, x, y, box) for x, y, *box in rows]
+
+
+def axes(lo, hi, n):
+    """The grid's two axes: n[a] points evenly spaced from lo[a] to hi[a] (float64, on lo's device)."""
+    return (torch.linspace(a, b, k, dtype=torch.float64, device=lo.device) for a, b, k in zip(lo, hi, n, strict=True))
 
 
 def grid_points(z1, z2):
@@ -249,12 +330,9 @@ def log_likelihood_at(model, x, z, y=None):
     return torch.cat([model.log_px_z(x[None], part[:, None].to(dtype), y)[:, 0].double() for part in z.split(rows)])
 
 
-def exact_log_likelihood(model, images, points=GRID_POINTS, labels=None):
-    """log p(x) by quadrature (posterior_grid) for every image, and how far below its peak the integrand is on
-    each grid's border: two float64 tensors (N,) on the CPU."""
-    labels = [None] * len(images) if labels is None else labels
-    grids = [posterior_grid(model, x, points, y) for x, y in zip(images, labels, strict=True)]
-    return torch.tensor([g.log_px for g in grids], dtype=torch.float64), torch.tensor([g.border_nats for g in grids])
+def log_joint_at(model, x, z, y=None):
+    """log p(x, z) = log p(x|z) + log p(z) for one image x (1, 28, 28) at the points z (M, 2), float64: (M,)."""
+    return log_likelihood_at(model, x, z, y) + std_normal_log_prob(z)
 
 
 @torch.inference_mode()

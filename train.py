@@ -114,7 +114,7 @@ class NonFiniteLoss(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__)
     add_config_args(p, VAEConfig, "model")
     add_config_args(p, TrainConfig, "training")
     run = p.add_argument_group("run")

@@ -358,7 +358,9 @@ def load_runs(run_dirs):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p, "the model to show")
     p.add_argument("--plots-dir", default="plots", help="where the PNGs go (default: plots)")
     p.add_argument(
