@@ -145,8 +145,8 @@ def bench():
 def bench_sentence():
     r = load("bench-cpu")
     return (
-        f"Our epoch is {r['speedup']:.2f} times as fast as the baseline's, at {r['gemm_bound_fraction']:.2f} of the GEMM "
-        f"bound; −L_5000 scores {r['eval_images_per_s']:.1f} test images a second for this model."
+        f"Our epoch is {r['speedup']:.2f} times as fast as the baseline's, at {r['gemm_bound_fraction']:.2f} of the "
+        f"GEMM bound; −L_5000 scores {r['eval_images_per_s']:.1f} test images a second for this model."
     )
 
 
