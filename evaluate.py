@@ -66,7 +66,7 @@ from scoring import (
     posterior_means,
 )
 
-EXACT_IMAGES = 1000  # for the default model about 8000 decoder passes an image: twice the time of k = 5000
+EXACT_IMAGES = 1000  # for the default model about 9000 decoder passes an image: twice the time of k = 5000
 PER_IMAGE_KS = (5000, 50000)  # the bounds beside log p(x) in each --per-image record
 
 
