@@ -56,7 +56,7 @@ from scoring import (
     posterior_means,
 )
 
-EXACT_IMAGES = 1000  # about 8000 decoder passes an image for the default model: 1.6 times what k = 5000 costs
+EXACT_IMAGES = 1000  # for the default model about 9000 decoder passes an image: twice the time of k = 5000
 PER_IMAGE_KS = (5000, 50000)  # the bounds beside log p(x) in each --per-image record
 
 
