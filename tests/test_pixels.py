@@ -7,7 +7,7 @@ import torch
 import train
 from checkpoints import load_checkpoint
 from cli import config_from_args
-from data import SCORED_SPLIT_SEED, batches, load_mnist, load_test_set, present, resolve_pixels
+from data import SCORED_SPLIT_SEED, labelled_batches, load_mnist, load_test_set, present, resolve_pixels
 from model import VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,10 @@ def test_dequantization_noise_is_uniform_within_the_bin():
 def test_dequantized_batches_are_fresh_each_epoch():
     images, _ = grey_levels(n=10)
     g = torch.Generator().manual_seed(2)
-    first, second = (torch.cat(list(batches(images, 4, pixels="dequantized", generator=g))) for _ in range(2))
+    first, second = (
+        torch.cat([x for x, _ in labelled_batches(images, None, 4, pixels="dequantized", generator=g)])
+        for _ in range(2)
+    )
     assert not torch.equal(first, second)
     assert torch.equal((first * 256).floor(), (second * 256).floor())  # the same bins
 
