@@ -388,7 +388,12 @@ def export(ckpt_path, path):
     """Write the model of the checkpoint at ckpt_path to `path` with its configs and epoch only: no optimizer or
     random-number state, and the folders set to their defaults (data, out), which a reader's clone has."""
     state, _ = load_checkpoint(ckpt_path)
-    config = TrainConfig(**{**state["train_config"], "data_dir": TrainConfig.data_dir, "out_dir": TrainConfig.out_dir})
+    try:
+        config = TrainConfig(
+            **{**state["train_config"], "data_dir": TrainConfig.data_dir, "out_dir": TrainConfig.out_dir}
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_path} was written by another version of this code ({e})") from e
     shipped = {**state, "train_config": asdict(config)}
     save_checkpoint(path, {key: shipped[key] for key in CHECKPOINT_KEYS})
     print(f"wrote {path}: epoch {state['epoch']} of {ckpt_path}, weights and configs only")

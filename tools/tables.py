@@ -142,6 +142,14 @@ def bench():
     return header, [[name, f"{s:.2f}", f"{n:.0f}"] for name, s, n in rows]
 
 
+def pretrained():
+    r = load("pretrained/iwae-protocol-vae.json")
+    header = ["epoch", "test −ELBO", "reconstruction + KL", "test NLL, −L_5000", "bits/dim", "active units"]
+    cells = [r["epoch"], f"{r['test_neg_elbo']:.2f}", f"{r['test_recon']:.2f} + {r['test_kl']:.2f}"]
+    cells += [f"**{r['test_nll']:.2f}**", f"{r['bits_per_dim']:.4f}", units(r), f"{r['knn_accuracy']:.4f}"]
+    return [*header, "15-NN accuracy", "evaluate.py's wall time"], [[*cells, duration(r["made_by"]["wall_seconds"])]]
+
+
 def bench_sentence():
     r = load("bench-cpu")
     return (
@@ -268,6 +276,7 @@ def side_by_side():
 TABLES = {
     "headline": lambda: results(["default", "pretrained/iwae-protocol-vae.json", "examples", "cb-deq"]),
     "headline-sentence": headline,
+    "pretrained": pretrained,
     "results": lambda: results(list(RESULTS), link="../"),
     "schedule": schedule,
     "bench": bench,
@@ -299,7 +308,7 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a table is not its files'")
     args = p.parse_args(argv)
     stale = []
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for page in [ROOT / "README.md", ROOT / "pretrained" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = page.read_text()
         new = MARKERS.sub(lambda m: m[1] + markdown(TABLES[m[2]]()) + "\n" + m[4], text)
         if new != text:
