@@ -18,8 +18,14 @@ IWAE = "784-200-200-50 tanh, batch 20"
 PAPER, REPRODUCTION = 86.76, 86.35  # Burda et al. (2016), Table 1, VAE with k = 1; nbip/IWAE (TensorFlow 2)
 
 
+class Missing(Exception):
+    """A table's file is not in the repository yet: the table, or its row, says so."""
+
+
 def load(name):
     path = ROOT / name if "/" in name else ROOT / "results" / f"{name}.json"
+    if not path.exists():
+        raise Missing(path.relative_to(ROOT))
     return json.loads(path.read_text())
 
 
@@ -84,13 +90,20 @@ RESULTS = {  # file: (the model, what the literature reports)
 def results(names, link=""):
     """Rows of the results table: the models scored by evaluate.py --k 5000 on all 10000 test images."""
     header = ["model", "epochs", "training time", "test −ELBO", "test NLL, −L_5000", "bits/dim", "active units"]
+    header += ["15-NN accuracy", "literature"]
     rows = []
     for name in names:
-        r, (model, literature) = load(name), RESULTS[name]
+        model, literature = RESULTS[name]
+        model = model.replace("](", f"]({link}")
+        try:
+            r = load(name)
+        except Missing:
+            rows.append([model, "not yet scored on all 10000 test images", *["—"] * (len(header) - 3), literature])
+            continue
         assert r["n_images"] == 10000 and r["k"] == 5000, f"{name}: not all 10000 test images at k = 5000"
-        cells = [model.replace("](", f"]({link}"), epochs(r), trained(r), f"{r['test_neg_elbo']:.2f}", nll(r)]
+        cells = [model, epochs(r), trained(r), f"{r['test_neg_elbo']:.2f}", nll(r)]
         rows.append([*cells, bits(r), units(r), f"{r['knn_accuracy']:.3f}", literature])
-    return [*header, "15-NN accuracy", "literature"], rows
+    return header, rows
 
 
 def headline():
@@ -109,9 +122,24 @@ def headline():
     )
 
 
+def protocol_log():
+    path = ROOT / "results" / "iwae-protocol-log.jsonl"
+    if not path.exists():
+        raise Missing(path.relative_to(ROOT))
+    return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def schedule_sentence():
+    last = protocol_log()[max(protocol_log())]
+    return (
+        f"The log reaches epoch {last['epoch']} of 3280 so far, at a test −ELBO of {last['test_loss']:.2f} "
+        f"(reconstruction {last['test_recon']:.2f} + KL {last['test_kl']:.2f})."
+    )
+
+
 def schedule():
     """The IWAE-protocol run at the ends of its schedule's stages: the log's test -ELBO, evaluate.py's the rest."""
-    log = {r["epoch"]: r for r in map(json.loads, (ROOT / "results" / "iwae-protocol-log.jsonl").read_text().split())}
+    log = protocol_log()
     rows = []
     for stage, end in enumerate([1, 4, 13, 40, 121, 364, 1093, 2186, 3280]):
         if end not in log:
@@ -119,7 +147,7 @@ def schedule():
         cells = [f"{end} (end of stage {stage + 1})", f"{log[end]['lr']:.2e}", f"{log[end]['test_loss']:.2f}"]
         path = ROOT / "results" / f"iwae-protocol-e{end}.json"
         r = json.loads(path.read_text()) if path.exists() else None
-        rows.append([*cells, *([f"{r['test_nll']:.2f}", units(r), f"{r['knn_accuracy']:.4f}"] if r else ["", "", ""])])
+        rows.append([*cells, *([f"{r['test_nll']:.2f}", units(r), f"{r['knn_accuracy']:.4f}"] if r else ["—"] * 3)])
     return ["epoch", "learning rate", "test −ELBO", "test NLL, −L_5000", "active units", "15-NN accuracy"], rows
 
 
@@ -279,6 +307,7 @@ TABLES = {
     "pretrained": pretrained,
     "results": lambda: results(list(RESULTS), link="../"),
     "schedule": schedule,
+    "schedule-sentence": schedule_sentence,
     "bench": bench,
     "bench-sentence": bench_sentence,
     "conditional": conditional,
@@ -291,8 +320,12 @@ TABLES = {
 }
 
 
-def markdown(made):
+def markdown(name):
     """A table as Markdown, or a sentence as it is."""
+    try:
+        made = TABLES[name]()
+    except Missing as missing:
+        return f"*Not yet measured: this comes from `{missing}`, which is not yet in the repository.*"
     if isinstance(made, str):
         return made
     header, rows = made
@@ -310,7 +343,7 @@ def main(argv=None):
     stale = []
     for page in [ROOT / "README.md", ROOT / "pretrained" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = page.read_text()
-        new = MARKERS.sub(lambda m: m[1] + markdown(TABLES[m[2]]()) + "\n" + m[4], text)
+        new = MARKERS.sub(lambda m: m[1] + markdown(m[2]) + "\n" + m[4], text)
         if new != text:
             stale += [f"{page.relative_to(ROOT)}: {m[2]}" for m in MARKERS.finditer(text) if m[0] not in new]
             if not args.check:
