@@ -22,11 +22,14 @@ class Missing(Exception):
     """A table's file is not in the repository yet: the table, or its row, says so."""
 
 
-def load(name):
-    path = ROOT / name if "/" in name else ROOT / "results" / f"{name}.json"
+def read(path):
     if not path.exists():
         raise Missing(path.relative_to(ROOT))
-    return json.loads(path.read_text())
+    return path.read_text()
+
+
+def load(name):
+    return json.loads(read(ROOT / name if "/" in name else ROOT / "results" / f"{name}.json"))
 
 
 def duration(seconds):
@@ -123,14 +126,12 @@ def headline():
 
 
 def protocol_log():
-    path = ROOT / "results" / "iwae-protocol-log.jsonl"
-    if not path.exists():
-        raise Missing(path.relative_to(ROOT))
-    return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["epoch"]: r for r in map(json.loads, read(ROOT / "results" / "iwae-protocol-log.jsonl").splitlines())}
 
 
 def schedule_sentence():
-    last = protocol_log()[max(protocol_log())]
+    log = protocol_log()
+    last = log[max(log)]
     return (
         f"The log reaches epoch {last['epoch']} of 3280 so far, at a test −ELBO of {last['test_loss']:.2f} "
         f"(reconstruction {last['test_recon']:.2f} + KL {last['test_kl']:.2f})."
@@ -145,10 +146,10 @@ def schedule():
         if end not in log:
             continue
         cells = [f"{end} (end of stage {stage + 1})", f"{log[end]['lr']:.2e}", f"{log[end]['test_loss']:.2f}"]
-        path = ROOT / "results" / f"iwae-protocol-e{end}.json"
-        r = json.loads(path.read_text()) if path.exists() else None
-        if end == shipped["epoch"]:  # the shipped weights are this epoch's (docs/results.md)
-            r = shipped
+        try:  # the shipped weights are the stage end's of their epoch (docs/results.md)
+            r = shipped if end == shipped["epoch"] else load(f"iwae-protocol-e{end}")
+        except Missing:
+            r = None
         rows.append([*cells, *([f"{r['test_nll']:.2f}", units(r), f"{r['knn_accuracy']:.4f}"] if r else ["—"] * 3)])
     return ["epoch", "learning rate", "test −ELBO", "test NLL, −L_5000", "active units", "15-NN accuracy"], rows
 
