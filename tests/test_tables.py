@@ -24,19 +24,36 @@ def test_every_table_is_what_its_files_give(capsys):
     assert tables.main(["--check"]) == 0, capsys.readouterr().out
 
 
-def test_a_number_changed_in_a_file_makes_its_tables_stale(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def pages(tmp_path, monkeypatch):
+    """A copy of the pages and their files, which tables.py reads and rewrites in place of the repository's."""
     for part in ("README.md", "docs", "results", "pretrained"):
         copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
         copy(ROOT / part, tmp_path / part)
     monkeypatch.setattr(tables, "ROOT", tmp_path)
-    path = tmp_path / "results" / "default.json"
+    return tmp_path
+
+
+def test_a_number_changed_in_a_file_makes_its_tables_stale(pages, capsys):
+    path = pages / "results" / "default.json"
     r = json.loads(path.read_text())
     path.write_text(json.dumps({**r, "test_neg_elbo": r["test_neg_elbo"] + 0.01}))
     assert tables.main(["--check"]) == 1
     assert "README.md: headline" in capsys.readouterr().out
     tables.main([])  # rewritten, the pages hold the new number
     assert tables.main(["--check"]) == 0
-    assert f"{r['test_neg_elbo'] + 0.01:.2f}" in (tmp_path / "README.md").read_text()
+    assert f"{r['test_neg_elbo'] + 0.01:.2f}" in (pages / "README.md").read_text()
+
+
+def test_a_file_not_in_the_repository_leaves_its_row_or_table_saying_so_and_no_number(pages):
+    cb_deq, bench = json.loads((pages / "results" / "cb-deq.json").read_text()), pages / "results" / "bench-cpu.json"
+    (pages / "results" / "cb-deq.json").unlink()
+    bench.unlink()
+    tables.main([])
+    (row,) = [line for line in (pages / "README.md").read_text().splitlines() if line.startswith("| 6. ")]
+    assert "not yet scored on all 10000 test images" in row and f"{cb_deq['test_neg_elbo']:.2f}" not in row
+    speed = (pages / "docs" / "speed.md").read_text()
+    assert "*Not yet measured: this comes from `results/bench-cpu.json`" in speed and "GEMM bound (" not in speed
 
 
 def listed(name):
