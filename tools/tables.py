@@ -18,6 +18,9 @@ IWAE = "784-200-200-50 tanh, batch 20"
 PAPER, REPRODUCTION = 86.76, 86.35  # Burda et al. (2016), Table 1, VAE with k = 1; nbip/IWAE (TensorFlow 2)
 
 
+NOT_SCORED = "not yet scored on all 10000 test images"  # a row whose results file is not in the repository yet
+
+
 class Missing(Exception):
     """A table's file is not in the repository yet: the table, or its row, says so."""
 
@@ -101,7 +104,7 @@ def results(names, link=""):
         try:
             r = load(name)
         except Missing:
-            rows.append([model, "not yet scored on all 10000 test images", *["—"] * (len(header) - 3), literature])
+            rows.append([model, NOT_SCORED, *["—"] * (len(header) - 3), literature])
             continue
         assert r["n_images"] == 10000 and r["k"] == 5000, f"{name}: not all 10000 test images at k = 5000"
         cells = [model, epochs(r), trained(r), f"{r['test_neg_elbo']:.2f}", nll(r)]
@@ -202,7 +205,7 @@ def conditional():
         try:
             r = load(f"c-d{d}")
         except Missing:
-            rows.append([d, "not yet scored on all 10000 test images", *["—"] * (len(header) - 2)])
+            rows.append([d, NOT_SCORED, *["—"] * (len(header) - 2)])
             continue
         cells = [d, networks(r), trained(r), f"{r['test_neg_elbo']:.2f}"]
         cells += [f"{r['test_nll']:.2f}", f"{r['test_nll_marginal']:.2f}", f"{r['classifier_accuracy']:.4f}"]
@@ -256,7 +259,7 @@ def fitting():
             r = load(name)
             row += [f"{r['test_neg_elbo']:.2f}", f"{r['test_nll']:.2f}", trained(r)]
         except Missing:
-            row += ["not yet scored on all 10000 test images", "—", "—"]
+            row += [NOT_SCORED, "—", "—"]
         rows.append(row)
     header = ["objective", "estimator", "k", "encoder-gradient variance / pathwise's", "test −ELBO"]
     return [*header, "test NLL, −L_5000", "training time"], rows
