@@ -1,15 +1,11 @@
 """Training speed, measured side by side in one process: `python bench.py --device cpu --json bench.json`.
 
-Three numbers per epoch (one pass over the 60000 training images plus one over the 10000 test images):
-  ours      train.py's epoch (train.train_epoch: the training pass, the test ELBO, the log line and the
-            checkpoint): data resident on the device, batches by index, fused Adam, no host synchronisation
-            per step;
-  baseline  the conventional loop of pytorch/examples' vae: DataLoader over torchvision's MNIST with
-            ToTensor, one .item() per step, the same model, loss and batch size;
-  bound     the model's matrix-multiply FLOPs (forward, and backward for training) at the rate that
-            torch.mm reaches on this machine, measured now at exactly the layer shapes of an epoch:
-            what an epoch would take if nothing but its GEMMs cost time.
-Also the k-sample importance-weighted evaluation throughput of evaluate.py's estimator.
+Per epoch (60000 training images, then the 10000 test images), three loops on the same model and batch size:
+  ours      train.py's epoch itself (train.train_epoch): data on the device, fused Adam, no sync per step;
+  baseline  pytorch/examples' vae loop: a DataLoader over torchvision's MNIST, one .item() per step;
+  bound     the epoch's matrix products alone (Linear layers, forward and backward, at their exact shapes),
+            at the rate torch.mm reaches on this machine now: what the epoch would take if only its GEMMs cost.
+Also the throughput of evaluate.py's k-sample importance-weighted estimator.
 """
 
 import argparse
@@ -44,19 +40,14 @@ EXAMPLES_CONFIG = VAEConfig(latent_dim=20, arch="mlp", hidden_dims=(400,), activ
 TEST_BATCH_SIZE = 1000  # scoring.mean_neg_elbo's default
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def timed(fn, device):
-    synchronize(device)
+    """fn()'s wall time, the work it queued on the device included."""
+    synchronize = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
+    synchronize()
     start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
+    fn()
+    synchronize()
+    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------- the loops
@@ -217,7 +208,7 @@ def interleaved_seconds(runs, epochs, device):
     seconds = {name: [] for name in runs}
     for round_ in range(epochs + 1):
         for name, run in runs.items():
-            elapsed, _ = timed(run, device)
+            elapsed = timed(run, device)
             if round_ > 0:
                 seconds[name].append(elapsed)
     return seconds
@@ -255,8 +246,7 @@ def summarize(args, device, config, n_train, n_test, seconds, epoch_flops):
 def eval_throughput(model, images, k, device):
     """Test images per second of the k-sample importance-weighted bound (evaluate.py's estimator)."""
     model.eval()
-    seconds, _ = timed(lambda: iwae_nll(model, images, k), device)
-    return images.shape[0] / seconds
+    return images.shape[0] / timed(lambda: iwae_nll(model, images, k), device)
 
 
 def print_table(r):

@@ -80,21 +80,6 @@ def run(run_copy):
     return run_copy()
 
 
-def test_resume_onto_another_device_restores_the_random_state(run):
-    """--resume onto an accelerator (the meta device standing in for it): the model, the optimizer's moments
-    and the data move to the device, while the saved random state, which torch takes only as a CPU
-    ByteTensor, comes back as one and is restored."""
-    saved = torch.load(run / "ckpt.pt", weights_only=True)
-    torch.manual_seed(12345)  # anything but the saved state
-    resumed = train.resume_run(run, META, {"epochs": 2})
-    assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])
-    assert {p.device for p in resumed.model.parameters()} == {META}
-    assert resumed.train_images.device == META and resumed.test_images.device == META
-    moments = [s[key] for s in resumed.optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
-    assert moments and {m.device for m in moments} == {META}
-    assert resumed.epoch == 1
-
-
 @pytest.fixture
 def fake_generator(monkeypatch):
     """fake_generator(kind): torch.cuda's or torch.mps's generator replaced by a fake that takes, as torch's does,
@@ -137,19 +122,23 @@ def test_device_random_state_is_saved_and_restored(run, fake_generator, kind):
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
 def test_a_checkpoint_written_on_the_cpu_resumes_on_an_accelerator(run, monkeypatch, fake_generator, kind):
-    """train.resume_run with --device cuda / mps on a checkpoint whose random state holds the CPU's generator
-    only (the meta device holds the model and data): the CPU's state is restored, the device's generator is
-    left as it is (there is nothing of it to restore), and nothing fails."""
+    """train.resume_run with --device cuda / mps (the meta device holding the model and data): the model, the
+    optimizer's moments and the data move to the device; the saved random state, the CPU's generator only, comes
+    back as a CPU ByteTensor and is restored, and the device's generator is left as it is."""
     restored = fake_generator(kind)
     real_load_checkpoint, real_load_data = train.load_checkpoint, train.load_data
     monkeypatch.setattr(train, "load_checkpoint", lambda path, device: real_load_checkpoint(path, META))
     monkeypatch.setattr(train, "load_data", lambda config, device: real_load_data(config, META))
     saved = torch.load(run / "ckpt.pt", weights_only=True)
     assert set(saved["rng"]) == {"cpu"}
-    torch.manual_seed(12345)
+    torch.manual_seed(12345)  # anything but the saved state
     resumed = train.resume_run(run, torch.device(kind), {"epochs": 2})
     assert resumed.epoch == 1 and resumed.device.type == kind
     assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"]) and restored == []
+    assert {p.device for p in resumed.model.parameters()} == {META}
+    assert resumed.train_images.device == META and resumed.test_images.device == META
+    moments = [s[key] for s in resumed.optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.device for m in moments} == {META}
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])

@@ -1,11 +1,10 @@
 """The shipped weights (pretrained/): `train.py --export` makes them from a run's checkpoint; they load with
 weights_only=True through the same loader as every checkpoint, hold no optimizer or random-number state, give
 the test -ELBO recorded beside them (all 10000 test images), are the file whose sha256 their README gives, and
-evaluate.py and visualize.py take them as they are; train.py --resume refuses them in one line."""
+evaluate.py and visualize.py take them as they are."""
 
 import hashlib
 import json
-import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -75,11 +74,3 @@ def test_evaluate_and_visualize_take_it(data_dir, tmp_path, no_progress_bars):
     assert {"latent_scatter.png", "manifold_20x20.png", "reconstructions.png", "samples.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
-
-
-def test_resuming_it_says_it_holds_weights_only(tmp_path, scripts):
-    shutil.copy(WEIGHTS, tmp_path / CKPT_FILE)
-    code, _, err = scripts.run(train.main, "--resume", "--out-dir", tmp_path, "--epochs", "2000")
-    assert code == 1
-    scripts.only_error(err, f"cannot resume: {tmp_path / CKPT_FILE} holds a model's weights only")
-    assert (tmp_path / CKPT_FILE).read_bytes() == WEIGHTS.read_bytes()  # nothing saved is lost

@@ -101,26 +101,8 @@ def test_iwae_schedule_is_burda_et_al():
 
 def test_bench_measures_all_three_in_one_run(tmp_path, data_dir):
     out = tmp_path / "bench.json"
-    bench.main(
-        [
-            "--device",
-            "cpu",
-            "--limit",
-            "256",
-            "--epochs",
-            "1",
-            "--eval-k",
-            "4",
-            "--eval-images",
-            "4",
-            "--hidden-dims",
-            "32",
-            "--data-dir",
-            str(data_dir),
-            "--json",
-            str(out),
-        ]
-    )
+    flags = "--device cpu --limit 256 --epochs 1 --eval-k 4 --eval-images 4 --hidden-dims 32".split()
+    bench.main([*flags, "--data-dir", str(data_dir), "--json", str(out)])
     r = json.loads(out.read_text())
     for key in ("images_per_s", "baseline_images_per_s", "gemm_bound_images_per_s", "eval_images_per_s"):
         assert r[key] > 0
