@@ -1,10 +1,9 @@
 """The results of README.md and docs/, written from the JSON files that measured them: `python tools/tables.py`
-rewrites every table (and every sentence that quotes their numbers) between its markers; `--check` changes
-nothing and exits with status 1, naming what is not what its files give (tests/test_tables.py runs it).
+rewrites every table (and every sentence that quotes their numbers) between `<!-- table NAME -->` and
+`<!-- end of table -->`; `--check` changes nothing and exits with status 1, naming what is not what its files give.
 
-The files are the --json output of evaluate.py, bench.py and gradient_variance.py, committed under results/ (and
-pretrained/), each with how it was made (made_by: the command, the machine, the wall time), and the log.jsonl of
-the IWAE-protocol run. In a page, a table stands between `<!-- table NAME -->` and `<!-- end of table -->`.
+The files are the --json output of evaluate.py, bench.py and gradient_variance.py under results/ (and pretrained/),
+each with its made_by (the command, the machine, the wall time), and the log.jsonl of the IWAE-protocol run.
 """
 
 import argparse
@@ -15,10 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IWAE = "784-200-200-50 tanh, batch 20"
+SHIPPED, PROTOCOL_LOG = "pretrained/iwae-protocol-vae.json", "results/iwae-protocol-log.jsonl"
 PAPER, REPRODUCTION = 86.76, 86.35  # Burda et al. (2016), Table 1, VAE with k = 1; nbip/IWAE (TensorFlow 2)
-
-
 NOT_SCORED = "not yet scored on all 10000 test images"  # a row whose results file is not in the repository yet
 
 
@@ -26,14 +23,13 @@ class Missing(Exception):
     """A table's file is not in the repository yet: the table, or its row, says so."""
 
 
-def read(path):
+def load(name):
+    """A results file by its name, or any file by its path; a log (.jsonl) as its records."""
+    path = ROOT / name if "/" in name else ROOT / "results" / f"{name}.json"
     if not path.exists():
         raise Missing(path.relative_to(ROOT))
-    return path.read_text()
-
-
-def load(name):
-    return json.loads(read(ROOT / name if "/" in name else ROOT / "results" / f"{name}.json"))
+    text = path.read_text()
+    return [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else json.loads(text)
 
 
 def duration(seconds):
@@ -42,40 +38,55 @@ def duration(seconds):
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def units(r):
-    return f"{r['active_units']} / {r['model_config']['latent_dim']}"
+def trained(r):
+    """The sum of the epochs' times in the run's log (a shipped file has no log)."""
+    return duration(r["train_seconds"]) if "train_seconds" in r else "—"
 
 
 def nll(r):
-    """-L_k, and where there is one the exact value, on the images it was computed on if not all."""
-    cell = f"{r['test_nll']:.2f}"
-    if "test_nll_exact" in r:
-        where = "" if r["exact_n_images"] == r["n_images"] else f" (first {r['exact_n_images']})"
-        cell += f"; exact: **{r['test_nll_exact']:.2f}**{where}"
-    return cell
+    """-L_5000, and where there is one the exact value, on the images it was computed on if not all."""
+    assert r["n_images"] == 10000 and r["k"] == 5000, f"not all 10000 test images at k = 5000: {r['made_by']}"
+    if "test_nll_exact" not in r:
+        return f"{r['test_nll']:.2f}"
+    where = "" if r["exact_n_images"] == r["n_images"] else f" (first {r['exact_n_images']})"
+    return f"{r['test_nll']:.2f}; exact: **{r['test_nll_exact']:.2f}**{where}"
 
 
 def bits(r):
-    cell = f"{r['bits_per_dim']:.4f}"
-    return cell + (f"; **{r['bits_per_dim_8bit']:.3f}** for the 8-bit images" if "bits_per_dim_8bit" in r else "")
+    eight = f"; **{r['bits_per_dim_8bit']:.3f}** for the 8-bit images" if "bits_per_dim_8bit" in r else ""
+    return f"{r['bits_per_dim']:.4f}{eight}"
 
 
 def epochs(r):
     return r["epoch"] if r["epoch"] == r["train_config"]["epochs"] else f"{r['epoch']} of {r['train_config']['epochs']}"
 
 
-def trained(r):
-    """The training time, the sum of the epochs' times in the run's log (a shipped file has no log)."""
-    return duration(r["train_seconds"]) if "train_seconds" in r else "—"
+def networks(r):
+    c = r["model_config"]
+    return f"784-{'-'.join(map(str, c['hidden_dims']))} {'ReLU' if c['activation'] == 'relu' else 'tanh'}"
 
 
+def cells(name, formats, missing=None):
+    """The cells of file `name`, each format a format string of its keys or a function of it. A missing file fails
+    its table, or where a row may wait for it, its cells are `missing` and dashes."""
+    try:
+        r = load(name)
+    except Missing:
+        if missing is None:
+            raise
+        return [missing, *["—"] * (len(formats) - 1)]
+    return [f(r) if callable(f) else f.format_map(r) for f in formats]
+
+
+ELBO, NLL, UNITS = "{test_neg_elbo:.2f}", "{test_nll:.2f}", "{active_units} / {model_config[latent_dim]}"
 RESULTS = {  # file: (the model, what the literature reports)
     "examples": (
         "1. pytorch/examples: Bernoulli on k/255 pixels, 784-400-20 ReLU, batch 128",
         "“test loss” ≈ 105.5 after 10 epochs (not a likelihood)",
     ),
-    "pretrained/iwae-protocol-vae.json": (
-        f"2. IWAE protocol: Bernoulli, binarized, {IWAE}, their schedule ([weights](pretrained/README.md))",
+    SHIPPED: (
+        "2. IWAE protocol: Bernoulli, binarized, 784-200-200-50 tanh, batch 20, their schedule "
+        "([weights](pretrained/README.md))",
         f"{PAPER} after 3280 epochs (Burda et al. 2016, Table 1, VAE, k = 1); {REPRODUCTION} (nbip/IWAE)",
     ),
     "iwae-30": ("3. the same, its first 30 epochs", ""),
@@ -95,201 +106,119 @@ RESULTS = {  # file: (the model, what the literature reports)
 
 
 def results(names, link=""):
-    """Rows of the results table: the models scored by evaluate.py --k 5000 on all 10000 test images."""
     header = ["model", "epochs", "training time", "test −ELBO", "test NLL, −L_5000", "bits/dim", "active units"]
-    header += ["15-NN accuracy", "literature"]
-    rows = []
-    for name in names:
-        model, literature = RESULTS[name]
-        model = model.replace("](", f"]({link}")
-        try:
-            r = load(name)
-        except Missing:
-            rows.append([model, NOT_SCORED, *["—"] * (len(header) - 3), literature])
-            continue
-        assert r["n_images"] == 10000 and r["k"] == 5000, f"{name}: not all 10000 test images at k = 5000"
-        cells = [model, epochs(r), trained(r), f"{r['test_neg_elbo']:.2f}", nll(r)]
-        rows.append([*cells, bits(r), units(r), f"{r['knn_accuracy']:.3f}", literature])
-    return header, rows
+    formats = [epochs, trained, ELBO, nll, bits, UNITS, "{knn_accuracy:.3f}"]
+    rows = [[RESULTS[n][0].replace("](", f"]({link}"), *cells(n, formats, NOT_SCORED), RESULTS[n][1]] for n in names]
+    return [*header, "15-NN accuracy", "literature"], rows
 
 
 def headline():
-    """The README's sentence on row 2: how far it is from the paper's number."""
-    r = load("pretrained/iwae-protocol-vae.json")
-    gap = r["test_nll"] - PAPER
+    """The README's sentence on row 2: how far it is from the paper's number, and how far the same run went on."""
+    r, later = load(SHIPPED), load("iwae-protocol-e2186")
+    gap, later_gap = r["test_nll"] - PAPER, later["test_nll"] - PAPER
     where = f"{gap:.2f} nats short of" if gap > 0 else f"{-gap:.2f} nats below"
     return (
         f"Row 2 is the model of Burda et al. (2016) after epoch {r['epoch']} of their 3280, and its −L_5000 of "
         f"**{r['test_nll']:.2f}** is {where} the paper's {PAPER} (an independent TensorFlow 2 reproduction, "
-        f"nbip/IWAE, reports {REPRODUCTION}). "
-        + ("It does not reach 86.76. " if gap > 0 else "It reaches 86.76. ")
-        + later()
-        + "Where the original code departs from the paper's text (its Adam uses β1 = 0.99 and second moments "
+        f"nbip/IWAE, reports {REPRODUCTION}). It {'does not reach' if gap > 0 else 'reaches'} {PAPER}. "
+        f"The same run scored {later['test_nll']:.2f} at epoch {later['epoch']}, halfway through the last stage, "
+        f"{abs(later_gap):.2f} nats {'above' if later_gap > 0 else 'below'} the paper's; those weights are not "
+        "shipped ([the run along its schedule](docs/results.md#the-iwae-protocol-along-its-schedule)). "
+        "Where the original code departs from the paper's text (its Adam uses β1 = 0.99 and second moments "
         "initialised at 1, and it rounds the learning rates to one decimal), this repository follows the text: "
         "Adam with β1 = 0.9 and eps = 1e-4, and the learning rate 1e-3 · 10^(−i/7) for 3^i epochs."
     )
 
 
-def later():
-    """The run of row 2 went on past the shipped epoch: its last scored epoch, whose weights are not shipped."""
-    try:
-        r = load("iwae-protocol-e2186")
-    except Missing:
-        return ""
-    gap = r["test_nll"] - PAPER
-    return (
-        f"The same run scored {r['test_nll']:.2f} at epoch {r['epoch']}, halfway through the last stage, "
-        f"{abs(gap):.2f} nats {'above' if gap > 0 else 'below'} the paper's; those weights are not shipped "
-        "([the run along its schedule](docs/results.md#the-iwae-protocol-along-its-schedule)). "
-    )
-
-
-def protocol_log():
-    return {r["epoch"]: r for r in map(json.loads, read(ROOT / "results" / "iwae-protocol-log.jsonl").splitlines())}
-
-
 def schedule_sentence():
-    log = protocol_log()
-    last = log[max(log)]
+    log = {r["epoch"]: r for r in load(PROTOCOL_LOG)}
     return (
-        f"The log ends at epoch {last['epoch']} of 3280, at a test −ELBO of {last['test_loss']:.2f} "
-        f"(reconstruction {last['test_recon']:.2f} + KL {last['test_kl']:.2f}): the run stopped there, and its "
-        "checkpoints after epoch 1093 were not kept, so the epoch-2186 model is scored but not shipped. Re-running "
-        "the command reproduces it, at the log's median of "
-        f"{statistics.median(r['seconds'] for r in log.values()):.1f} s an epoch (one thread, other work beside it)."
-    )
+        "The log ends at epoch {epoch} of 3280, at a test −ELBO of {test_loss:.2f} (reconstruction {test_recon:.2f} "
+        "+ KL {test_kl:.2f}): the run stopped there, and its checkpoints after epoch 1093 were not kept, so the "
+        "epoch-2186 model is scored but not shipped. Re-running the command reproduces it, at the log's median of "
+        "{median:.1f} s an epoch (one thread, other work beside it)."
+    ).format_map({**log[max(log)], "median": statistics.median(r["seconds"] for r in log.values())})
 
 
 def schedule():
     """The IWAE-protocol run at the ends of its schedule's stages: the log's test -ELBO, evaluate.py's the rest."""
-    log, shipped = protocol_log(), load("pretrained/iwae-protocol-vae.json")
-    rows = []
+    log, shipped = {r["epoch"]: r for r in load(PROTOCOL_LOG)}, load(SHIPPED)["epoch"]
     # The stages last 3^i epochs, i = 0..7, so they end at 1, 4, ..., 1093, 3280; 2186 is halfway through the last.
-    stage_ends = [1, 4, 13, 40, 121, 364, 1093, 3280]
-    for end in sorted([*stage_ends, 2186]):
-        if end not in log:
-            continue
-        where = f"end of stage {stage_ends.index(end) + 1}" if end in stage_ends else "halfway through stage 8"
-        cells = [f"{end} ({where})", f"{log[end]['lr']:.2e}", f"{log[end]['test_loss']:.2f}"]
-        try:  # the shipped weights are the stage end's of their epoch (docs/results.md)
-            r = shipped if end == shipped["epoch"] else load(f"iwae-protocol-e{end}")
-        except Missing:
-            r = None
-        rows.append([*cells, *([f"{r['test_nll']:.2f}", units(r), f"{r['knn_accuracy']:.4f}"] if r else ["—"] * 3)])
+    ends = [1, 4, 13, 40, 121, 364, 1093, 3280]
+    rows = []
+    for end in [end for end in sorted([*ends, 2186]) if end in log]:
+        where = f"end of stage {ends.index(end) + 1}" if end in ends else "halfway through stage 8"
+        rows.append([f"{end} ({where})", f"{log[end]['lr']:.2e}", f"{log[end]['test_loss']:.2f}"])
+        name = SHIPPED if end == shipped else f"iwae-protocol-e{end}"  # the shipped weights are their epoch's
+        rows[-1] += cells(name, [NLL, UNITS, "{knn_accuracy:.4f}"], "—")
     return ["epoch", "learning rate", "test −ELBO", "test NLL, −L_5000", "active units", "15-NN accuracy"], rows
 
 
-def bench():
-    r = load("bench-cpu")
-    rows = [
-        ["ours (`train.py`'s epoch)", r["seconds_per_epoch"], r["images_per_s"]],
-        [
-            "baseline (pytorch/examples: DataLoader, `.item()` per step)",
-            r["baseline_seconds_per_epoch"],
-            r["baseline_images_per_s"],
-        ],
-        [
-            f"GEMM bound ({r['gemm_gflop_per_epoch']:.0f} GFLOP at the measured {r['gemm_gflop_per_s']:.0f} GFLOP/s)",
-            r["gemm_bound_seconds_per_epoch"],
-            r["gemm_bound_images_per_s"],
-        ],
-    ]
-    header = [f"per epoch ({r['n_train']} train + {r['n_test']} test images)", "s/epoch", "images/s"]
-    return header, [[name, f"{s:.2f}", f"{n:.0f}"] for name, s, n in rows]
-
-
 def pretrained():
-    r = load("pretrained/iwae-protocol-vae.json")
     header = ["epoch", "test −ELBO", "reconstruction + KL", "test NLL, −L_5000", "bits/dim", "active units"]
-    cells = [r["epoch"], f"{r['test_neg_elbo']:.2f}", f"{r['test_recon']:.2f} + {r['test_kl']:.2f}"]
-    cells += [f"**{r['test_nll']:.2f}**", f"{r['bits_per_dim']:.4f}", units(r), f"{r['knn_accuracy']:.4f}"]
-    return [*header, "15-NN accuracy", "evaluate.py's wall time"], [[*cells, duration(r["made_by"]["wall_seconds"])]]
+    formats = ["{epoch}", ELBO, "{test_recon:.2f} + {test_kl:.2f}", "**{test_nll:.2f}**", "{bits_per_dim:.4f}"]
+    formats += [UNITS, "{knn_accuracy:.4f}", lambda r: duration(r["made_by"]["wall_seconds"])]
+    return [*header, "15-NN accuracy", "evaluate.py's wall time"], [cells(SHIPPED, formats)]
+
+
+def bench():
+    rows = {  # each row's label, and the prefix of its keys
+        "ours (`train.py`'s epoch)": "",
+        "baseline (pytorch/examples: DataLoader, `.item()` per step)": "baseline_",
+        "GEMM bound ({gemm_gflop_per_epoch:.0f} GFLOP at the measured {gemm_gflop_per_s:.0f} GFLOP/s)": "gemm_bound_",
+    }
+    header = ["per epoch ({n_train} train + {n_test} test images)", "s/epoch", "images/s"]
+    rows = [[label, f"{{{p}seconds_per_epoch:.2f}}", f"{{{p}images_per_s:.0f}}"] for label, p in rows.items()]
+    return cells("bench-cpu", header), [cells("bench-cpu", row) for row in rows]
 
 
 def bench_sentence():
-    r = load("bench-cpu")
     return (
-        f"Our epoch is {r['speedup']:.2f} times as fast as the baseline's, at {r['gemm_bound_fraction']:.2f} of the "
-        f"GEMM bound; −L_5000 scores {r['eval_images_per_s']:.1f} test images a second for this model."
-    )
-
-
-def networks(r):
-    c = r["model_config"]
-    return f"784-{'-'.join(map(str, c['hidden_dims']))} {'ReLU' if c['activation'] == 'relu' else 'tanh'}"
+        "Our epoch is {speedup:.2f} times as fast as the baseline's, at {gemm_bound_fraction:.2f} of the GEMM bound; "
+        "−L_5000 scores {eval_images_per_s:.1f} test images a second for this model."
+    ).format_map(load("bench-cpu"))
 
 
 def conditional():
     header = ["latent d", "networks", "training time", "test −ELBO", "−log p(x\\|y), k = 5000"]
     header += ["−log p(x), k = 100 a label", "classifier accuracy", "active units", "15-NN accuracy of z"]
-    rows = []
-    for d in (2, 4, 8, 20):
-        try:
-            r = load(f"c-d{d}")
-        except Missing:
-            rows.append([d, NOT_SCORED, *["—"] * (len(header) - 2)])
-            continue
-        cells = [d, networks(r), trained(r), f"{r['test_neg_elbo']:.2f}"]
-        cells += [f"{r['test_nll']:.2f}", f"{r['test_nll_marginal']:.2f}", f"{r['classifier_accuracy']:.4f}"]
-        rows.append([*cells, units(r), f"{r['knn_accuracy']:.3f}"])
-    return header, rows
+    formats = [networks, trained, ELBO, NLL, "{test_nll_marginal:.2f}", "{classifier_accuracy:.4f}"]
+    formats += [UNITS, "{knn_accuracy:.3f}"]
+    return header, [[d, *cells(f"c-d{d}", formats, NOT_SCORED)] for d in (2, 4, 8, 20)]
 
 
 def twins():
-    """The 20-D conditional model against its unconditional twin."""
     header = ["784-400-20 ReLU, 30 epochs", "test −ELBO", "−log p(x\\|y)", "−log p(x)", "classifier accuracy"]
-    c, u = load("c-d20"), load("d20")
+    formats = [ELBO, NLL, "**{test_nll_marginal:.2f}**", "{classifier_accuracy:.4f}"]
     return header, [
-        [
-            "conditional",
-            f"{c['test_neg_elbo']:.2f}",
-            f"{c['test_nll']:.2f}",
-            f"**{c['test_nll_marginal']:.2f}**",
-            f"{c['classifier_accuracy']:.4f}",
-        ],
-        ["unconditional", f"{u['test_neg_elbo']:.2f}", "—", f"**{u['test_nll']:.2f}**", "—"],
+        ["conditional", *cells("c-d20", formats)],
+        ["unconditional", *cells("d20", [ELBO, "—", "**{test_nll:.2f}**", "—"])],
     ]
 
 
 def warmup():
     header = ["50-D, 100 epochs", "training time", "test −ELBO", "KL", "−log p(x), k = 5000", "active units"]
-    rows = []
-    for name, label in (("iwae-arch", "no warm-up"), ("iwae-arch-warmup", "30-epoch warm-up")):
-        r = load(name)
-        cells = [label, trained(r), f"{r['test_neg_elbo']:.2f}", f"{r['test_kl']:.2f}", f"{r['test_nll']:.2f}"]
-        rows.append([*cells, units(r), f"{r['knn_accuracy']:.4f}"])
-    return [*header, "15-NN accuracy of z"], rows
+    formats = [trained, ELBO, "{test_kl:.2f}", NLL, UNITS, "{knn_accuracy:.4f}"]
+    rows = {"no warm-up": "iwae-arch", "30-epoch warm-up": "iwae-arch-warmup"}
+    return [*header, "15-NN accuracy of z"], [[label, *cells(name, formats)] for label, name in rows.items()]
 
 
 def fitting():
-    """The three ways of fitting 784-400-20: the encoder gradient's variance beside the pathwise one's (trained
-    model, at the run's objective and k), and evaluate.py's numbers; each cell as far as it is measured."""
+    """The encoder gradient's variance is the trained model's, at the run's objective and k."""
     rows = []
-    for name, objective, estimator, k in (
-        ("d20", "elbo", "pathwise", 1),
-        ("ways-score", "elbo", "score", 5),
-        ("ways-iwae", "iwae", "pathwise", 5),
-    ):
-        row = [objective.upper(), estimator + (", leave-one-out" if estimator == "score" else ""), k]
-        try:
-            v = load(f"gradient-variance-{objective}")["trained"]
-            ratio = v[estimator][str(k)]["variance"] / v["pathwise"][str(k)]["variance"]
-            row.append(f"{ratio:.0f}" if ratio > 1.5 else "1")
-        except Missing:
-            row.append("not yet measured")
-        try:
-            r = load(name)
-            row += [f"{r['test_neg_elbo']:.2f}", f"{r['test_nll']:.2f}", trained(r)]
-        except Missing:
-            row += [NOT_SCORED, "—", "—"]
-        rows.append(row)
+    for name, objective, estimator, k in [
+        ("d20", "ELBO", "pathwise", 1),
+        ("ways-score", "ELBO", "score, leave-one-out", 5),
+        ("ways-iwae", "IWAE", "pathwise", 5),
+    ]:
+        v = load(f"gradient-variance-{objective.lower()}")["trained"]
+        ratio = v[estimator.split(",")[0]][str(k)]["variance"] / v["pathwise"][str(k)]["variance"]
+        rows.append([objective, estimator, k, f"{ratio:.0f}", *cells(name, [ELBO, NLL, trained], NOT_SCORED)])
     header = ["objective", "estimator", "k", "encoder-gradient variance / pathwise's", "test −ELBO"]
     return [*header, "test NLL, −L_5000", "training time"], rows
 
 
 def per_image():
-    """The per-image study: how far L_5000 and L_50000 fall below log p(x), by how well q fits (its KL from the
-    posterior is log p(x) - ELBO), and how well a second grid agrees with the first."""
     images = load("default-per-image")["images"]
     far = [i for i in images if i["kl_q_posterior"] > 20]
     groups = {
@@ -299,20 +228,15 @@ def per_image():
     }
     rows = []
     for name, group in groups.items():
-
-        def spread(values):
-            return f"{sum(values) / len(values):.2f} ({min(values):.2f} to {max(values):.2f})"
-
-        check = max(abs(i["log_px"] - i["log_px_check"]) for i in group)
-        gaps = [spread([i["log_px"] - i[f"l_{k}"] for i in group]) for k in (5000, 50000)]
-        rows.append([name, spread([i["kl_q_posterior"] for i in group]), *gaps, f"{check:.3f}"])
+        kl = [i["kl_q_posterior"] for i in group]
+        gaps = [[i["log_px"] - i[f"l_{k}"] for i in group] for k in (5000, 50000)]
+        spreads = [f"{sum(v) / len(v):.2f} ({min(v):.2f} to {max(v):.2f})" for v in [kl, *gaps]]
+        rows.append([name, *spreads, f"{max(abs(i['log_px'] - i['log_px_check']) for i in group):.3f}"])
     header = ["test images", "KL(q ‖ p(z\\|x)): mean (range)", "log p(x) − L_5000", "log p(x) − L_50000"]
     return [*header, "largest \\|log p(x) − the second grid's\\|"], rows
 
 
 def variance():
-    """gradient_variance.py's measurements: the score function's variance over the pathwise one's, and each one's
-    signal-to-noise ratio, by k, on the trained model and at initialisation."""
     rows = []
     for objective in ("elbo", "iwae"):
         r = load(f"gradient-variance-{objective}")
@@ -327,33 +251,25 @@ def variance():
 
 
 def exact():
-    """How well the 2-D models' grids resolved log p(x): the worst border margin and the worst change of log p(x)
-    when every other point of a grid is dropped, over the images scored exactly."""
     header = ["2-D model", "images", "exact −log p(x)", "least border margin (nats)", "largest resolution (nats)"]
-    rows = []
-    for name in ("default", "cb-2d", "cb-2d-grey"):
-        r = load(name)
-        cells = [RESULTS[name][0].split(":")[0], f"first {r['exact_n_images']}", f"{r['test_nll_exact']:.2f}"]
-        rows.append([*cells, f"{r['exact_border_nats']:.1f}", f"{r['exact_resolution_nats']:.3f}"])
-    return header, rows
+    formats = ["first {exact_n_images}", "{test_nll_exact:.2f}", "{exact_border_nats:.1f}"]
+    formats += ["{exact_resolution_nats:.3f}"]
+    return header, [[RESULTS[n][0].split(":")[0], *cells(n, formats)] for n in ("default", "cb-2d", "cb-2d-grey")]
 
 
 def side_by_side():
-    b, c = load("default"), load("cb-2d")
-    return ["", "Bernoulli, binarized (the default)", "continuous Bernoulli, dequantized"], [
-        [
-            "test −ELBO",
-            f"{b['test_neg_elbo']:.2f} (binary images)",
-            f"{c['test_neg_elbo']:.2f} (a density on [0, 1]^784)",
-        ],
-        ["test KL", f"{b['test_kl']:.2f}", f"{c['test_kl']:.2f}"],
-        ["active units", units(b), units(c)],
-        ["15-NN accuracy of the code", f"**{b['knn_accuracy']:.3f}**", f"{c['knn_accuracy']:.3f}"],
+    rows = [  # each quantity, and its format in the default model's file and in the 2-D dequantized one's
+        ["test −ELBO", ELBO + " (binary images)", ELBO + " (a density on [0, 1]^784)"],
+        ["test KL", "{test_kl:.2f}", "{test_kl:.2f}"],
+        ["active units", UNITS, UNITS],
+        ["15-NN accuracy of the code", "**{knn_accuracy:.3f}**", "{knn_accuracy:.3f}"],
     ]
+    header = ["", "Bernoulli, binarized (the default)", "continuous Bernoulli, dequantized"]
+    return header, [[name, *cells("default", [b]), *cells("cb-2d", [c])] for name, b, c in rows]
 
 
 TABLES = {
-    "headline": lambda: results(["default", "pretrained/iwae-protocol-vae.json", "examples", "cb-deq"]),
+    "headline": lambda: results(["default", SHIPPED, "examples", "cb-deq"]),
     "headline-sentence": headline,
     "pretrained": pretrained,
     "results": lambda: results(list(RESULTS), link="../"),
@@ -385,19 +301,16 @@ def markdown(name):
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
-MARKERS = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- end of table -->)", re.S)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a table is not its files'")
     args = p.parse_args(argv)
-    stale = []
+    markers, stale = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- end of table -->)", re.S), []
     for page in [ROOT / "README.md", ROOT / "pretrained" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = page.read_text()
-        new = MARKERS.sub(lambda m: m[1] + markdown(m[2]) + "\n" + m[4], text)
+        new = markers.sub(lambda m: m[1] + markdown(m[2]) + "\n" + m[4], text)
         if new != text:
-            stale += [f"{page.relative_to(ROOT)}: {m[2]}" for m in MARKERS.finditer(text) if m[0] not in new]
+            stale += [f"{page.relative_to(ROOT)}: {m[2]}" for m in markers.finditer(text) if m[0] not in new]
             if not args.check:
                 page.write_text(new)
     if stale:
