@@ -130,6 +130,28 @@ def headline():
     )
 
 
+def default_sentence():
+    """The README's sentence on `python train.py`'s model: its test -ELBO and its training time."""
+    r = load("default")
+    return (
+        "Its test −ELBO is {test_neg_elbo:.2f} nats per image (row 7 of the results below); its {epoch} epochs took "
+        "{trained} on one thread of the machine that scored it ({made_by[machine]}), whose other core trained "
+        "another model (the sum of the epoch times in its log, `train_seconds` in `results/default.json`). These "
+        "are its other figures, committed in `plots/`:"
+    ).format_map({**r, "trained": trained(r)})
+
+
+def evaluate_sentence():
+    """The README's sentence on `python evaluate.py` with no flags, on that model."""
+    r = load("default")
+    return (
+        "On the default model, with no flags, it took {wall} on {made_by[threads]} threads of that machine, with "
+        "nothing else running (`made_by` in `results/default.json`), most of it for k = 5000 on all {n_images} "
+        "test images; the exact likelihood is computed on the first {exact_n_images}. `--exact-images 0` skips the "
+        "exact pass, and `--limit N` scores the first N test images."
+    ).format_map({**r, "wall": duration(r["made_by"]["wall_seconds"])})
+
+
 def schedule_sentence():
     log = {r["epoch"]: r for r in load(PROTOCOL_LOG)}
     return (
@@ -271,6 +293,8 @@ def side_by_side():
 TABLES = {
     "headline": lambda: results(["default", SHIPPED, "examples", "cb-deq"]),
     "headline-sentence": headline,
+    "default-sentence": default_sentence,
+    "evaluate-sentence": evaluate_sentence,
     "pretrained": pretrained,
     "results": lambda: results(list(RESULTS), link="../"),
     "schedule": schedule,
