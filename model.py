@@ -1,11 +1,8 @@
-"""The variational autoencoder: q(z|x), p(x|z), the ELBO and the importance-weighted bound.
+"""The variational autoencoder: q(z|x), p(x|z), the ELBO and the importance-weighted bound; torch only, no I/O.
 
-Notation follows Kingma & Welling (2014), "Auto-Encoding Variational Bayes" (AEVB):
-x is an image in [0, 1]^784, z in R^d a latent code with prior p(z) = N(0, I),
-q(z|x) = N(mu, diag(exp(logvar))) the encoder, p(x|z) the decoder, given by per-pixel logits.
-Every log-density is summed over pixels / latent dims and returned per example, in nats.
-
-This module imports only torch and the standard library; it does no I/O.
+Notation follows Kingma & Welling (2014), "Auto-Encoding Variational Bayes" (AEVB): x is an image in [0, 1]^784,
+z in R^d a latent code with prior p(z) = N(0, I), q(z|x) = N(mu, diag(exp(logvar))) the encoder, p(x|z) the
+decoder, given by per-pixel logits. Every log-density is summed over pixels / latent dims, per example, in nats.
 """
 
 import math
@@ -73,9 +70,7 @@ def check_fields(config):
                 raise ValueError(f"{f.name} must be a number > {meaning['above']}, got {value!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Densities. All take logits and return one value per example (summed over the other dims).
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------- densities
 
 
 def kl_std_normal(mu, logvar):
@@ -96,23 +91,23 @@ _CB_LOG_NORM_SERIES_BELOW = 0.1  # truncation error there: 73/34214400 * 0.1^10 
 def cb_log_norm(logits):
     """log C(lambda), the log-normalizer of the continuous Bernoulli, lambda = sigmoid(logits).
 
-    Loaiza-Ganem & Cunningham (2019), eq. (2): C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda).
-    With 1 - 2 lambda = -tanh(l / 2) this is C = l / tanh(l / 2), which for a = |l| reads
-        log C = log(a) + log(1 + e^-a) - log(1 - e^-a)
-              = softplus(-a) - log(-expm1(-a) / a),
-    exact in floating point for every a > 0 (no cancellation, no clamping: log C -> log|l| as |l| -> inf,
-    where torch.distributions.ContinuousBernoulli saturates). Near 0 the ratio is 0/0, so a Taylor series
-    is used there, which also gives the exact gradient (0) at l = 0.
+    Loaiza-Ganem & Cunningham (2019), eq. (2): C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda) = l / tanh(l / 2), so
+    for a = |l|, log C = softplus(-a) - log(-expm1(-a) / a): exact for every a > 0, and -> log|l| as |l| -> inf,
+    where torch.distributions.ContinuousBernoulli saturates. Near 0, where that is 0/0, a Taylor series.
     """
     a = logits.abs()
     small = a < _CB_LOG_NORM_SERIES_BELOW
     a_safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch (and its gradient) finite
     exact = F.softplus(-a_safe) - torch.log(-torch.expm1(-a_safe) / a_safe)
-    a2 = a * a
-    series = torch.zeros_like(a)
-    for coefficient in reversed(_CB_LOG_NORM_SERIES):  # Horner's rule in l^2
-        series = series * a2 + coefficient
-    return torch.where(small, series, exact)
+    return torch.where(small, _even_series(_CB_LOG_NORM_SERIES, a), exact)
+
+
+def _even_series(coefficients, l):
+    """sum_n coefficients[n] l^(2n), by Horner's rule in l^2."""
+    l2, series = l * l, torch.zeros_like(l)
+    for coefficient in reversed(coefficients):
+        series = series * l2 + coefficient
+    return series
 
 
 def cb_log_prob(logits, x):
@@ -144,11 +139,7 @@ def cb_mean(logits):
     small = logits.abs() < _CB_MEAN_SERIES_BELOW
     l_safe = torch.where(small, torch.ones_like(logits), logits)
     exact = -1.0 / torch.expm1(-l_safe) - 1.0 / l_safe
-    l2 = logits * logits
-    series = torch.zeros_like(logits)
-    for coefficient in reversed(_CB_MEAN_SERIES):
-        series = series * l2 + coefficient
-    return torch.where(small, 0.5 + logits * series, exact)
+    return torch.where(small, 0.5 + logits * _even_series(_CB_MEAN_SERIES, logits), exact)
 
 
 def log_likelihood(logits, x, likelihood):
@@ -170,9 +161,7 @@ def diag_normal_log_prob(z, mu, logvar):
     return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------- networks
 
 
 def _mlp(sizes, activation):
@@ -199,7 +188,6 @@ class VAE(nn.Module):
             self.decoder = _mlp((d + n_labels, *reversed(hidden)), act)
             self.to_logits = nn.Linear(hidden[0], N_PIXELS)
         else:
-            # Two stride-2 convolutions, 28 -> 14 -> 7, mirrored by transposed convolutions in the decoder.
             features = 64 * 7 * 7
             self.features = nn.Sequential(
                 nn.Conv2d(1, 32, 4, stride=2, padding=1),  # (B, 32, 14, 14)
@@ -221,14 +209,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def init_output_bias(self, pixel_mean):
-        """Start the decoder near the data's marginal: output bias = logit of the mean training image.
-
-        As in Burda et al.'s IWAE code (means clipped to [0.001, 0.999]); it saves the first epochs the work
-        of learning the background. For the continuous Bernoulli this sets lambda, not the mean, to the
-        pixel mean: the logit whose CB mean is 0.001 is about -1000, a start no Adam step of 1e-3 could
-        move away from, while these logits stay on the Bernoulli's scale (|logit| <= 6.9).
-        pixel_mean: (1, 28, 28). The conv decoder has a single output bias, set from the mean over pixels.
-        """
+        """Start the decoder near the data's marginal: output bias = logit of the mean training image (1, 28, 28),
+        clipped to [0.001, 0.999] as in Burda et al.'s IWAE code; the conv decoder's one bias, from its mean.
+        For the continuous Bernoulli this sets lambda, not the mean: the logit whose CB mean is 0.001 is about
+        -1000, a start no Adam step of 1e-3 could leave, while these stay on the Bernoulli's scale (|l| <= 6.9)."""
         p = pixel_mean.clamp(0.001, 0.999)
         if self.config.arch == "conv":
             p = p.mean()
@@ -241,10 +225,7 @@ class VAE(nn.Module):
 
     def with_label(self, h, y):
         """h (..., n) with the one-hot label beside it, (..., n + 10), for a conditional model; h itself otherwise.
-
-        y: integer labels broadcastable to h's leading dims, or label weights (..., 10) (a morph between two
-        digits); a conditional model needs them, an unconditional one ignores them.
-        """
+        y: integer labels broadcastable to h's leading dims, or label weights (..., 10) (a morph between digits)."""
         if not self.config.conditional:
             return h
         if y is None:
@@ -260,10 +241,9 @@ class VAE(nn.Module):
 
     def decode(self, z, y=None):
         """p(x|z) (or p(x|z, y)): (..., latent_dim) -> logits (..., 1, 28, 28)."""
-        batch_shape = z.shape[:-1]
         zy = self.with_label(z, y)  # (..., latent_dim [+ 10])
         logits = self.to_logits(self.decoder(zy.reshape(-1, zy.shape[-1])))
-        return logits.reshape(*batch_shape, *IMAGE_SHAPE)
+        return logits.reshape(*z.shape[:-1], *IMAGE_SHAPE)
 
     def mean(self, logits):
         """E[x|z], the image the decoder predicts (not lambda, for the continuous Bernoulli)."""
@@ -279,22 +259,16 @@ class VAE(nn.Module):
         return log_likelihood(logits, x.expand_as(logits), self.config.likelihood)
 
     def log_weights(self, x, k, generator=None, posterior=None, y=None):
-        """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: shape (k, B).
-
-        Burda et al. (2016), "Importance Weighted Autoencoders", eq. (8). posterior: (mu, logvar) if the
-        encoder has already been run on x.
-        """
+        """log w_i = log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k: (k, B) (Burda et al. 2016, eq. (8));
+        posterior: (mu, logvar), if the encoder has already been run on x."""
         mu, logvar = self.encode(x, y) if posterior is None else posterior  # (B, d) each
         z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
         return log_weight(self.log_px_z(x, z, y), z, mu, logvar)
 
     def iwae_bound(self, x, k, chunk=None, generator=None, y=None):
-        """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,).
-
-        k = 1 is the ELBO; the bound rises with k towards log p(x) (Burda et al., Theorem 1), so with
-        large k (5000 in the paper) it is the standard estimate of the test log-likelihood. The k samples
-        are decoded `chunk` at a time, so the decoder's memory does not grow with k.
-        """
+        """log (1/k) sum_i w_i, the k-sample importance-weighted bound on log p(x), per example (B,): the ELBO at
+        k = 1, rising with k towards log p(x) (Burda et al., Theorem 1), the standard estimate of it at k = 5000.
+        The samples are decoded `chunk` at a time, so that the memory does not grow with k."""
         posterior = self.encode(x, y)
         chunk = chunk or k
         log_w = [self.log_weights(x, min(chunk, k - start), generator, posterior, y) for start in range(0, k, chunk)]
@@ -307,23 +281,14 @@ class VAE(nn.Module):
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
         return self.decode(z, y)
 
-    # -----------------------------------------------------------------------------------------
-    # The loss: the negative ELBO, and the other ways of fitting
-    # -----------------------------------------------------------------------------------------
-
     def loss(self, x, y=None, objective="elbo", k=1, estimator="pathwise", beta=1.0, generator=None):
-        """The loss of a batch x (B, 1, 28, 28) (and its labels y (B,), for a conditional model), with k draws
-        z_i ~ q(z|x) per image: what train.py minimizes and scoring.py reports.
-
-        objective "elbo": -ELBO = -E_q[log p(x|z)] + beta KL(q(z|x) || p(z)) (AEVB eq. (10); beta = 1 is the
-                  ELBO), the expectation estimated by the mean over the k draws, the KL in closed form;
-                  "iwae": -L_k = -log (1/k) sum_i w_i (Burda et al. 2016, eq. (8)); k = 1 is the ELBO with a
-                  sampled KL.
+        """The Loss of a batch x (B, 1, 28, 28) (and labels y (B,), if conditional), with k draws z_i ~ q(z|x) per
+        image: what train.py minimizes and scoring.py reports.
+        objective "elbo": -ELBO = -E_q[log p(x|z)] + beta KL(q(z|x) || p(z)) (AEVB eq. (10)), the expectation the
+                  mean over the k draws, the KL in closed form; beta may be a 0-dim tensor (changing by step);
+                  "iwae": -L_k = -log (1/k) sum_i w_i (Burda et al. 2016, eq. (8)); k = 1: a sampled KL.
         estimator "pathwise": gradients flow through z = mu + sigma * eps (the reparameterization trick);
                   "score": z is a constant and the encoder learns through log q(z|x) (score_surrogate).
-        Returns Loss: the surrogate, a scalar whose gradient is the estimator (its value is the mean negative
-        bound only for "pathwise"), and, detached, per example (B,): the negative bound and the ELBO's two terms,
-        recon = -E_q[log p(x|z)] (estimated) and kl. beta may be a 0-dim tensor (a weight that changes by step).
         """
         mu, logvar = self.encode(x, y)  # (B, d) each
         z = self.sample_posterior(mu, logvar, k, generator)  # (k, B, d)
@@ -345,7 +310,7 @@ class VAE(nn.Module):
 
 
 class Loss(NamedTuple):
-    surrogate: torch.Tensor  # scalar: backward() on it gives the estimator's gradient
+    surrogate: torch.Tensor  # scalar: backward() on it gives the estimator; its value is -bound for pathwise only
     neg_bound: torch.Tensor  # (B,), -ELBO (or recon + beta KL) or -L_k, detached
     recon: torch.Tensor  # (B,), -E_q[log p(x|z)] estimated with the k draws, detached
     kl: torch.Tensor  # (B,), KL(q(z|x) || p(z)), detached
@@ -354,12 +319,9 @@ class Loss(NamedTuple):
 def score_surrogate(f, log_q, total):
     """sum_i (total(f) - b_i) log q(z_i|x), whose gradient is the score-function (REINFORCE) estimator.
 
-    f: (k, B), the k per-sample terms (detached) whose combination total(f) -> (B,) is estimated: its mean for
-    the ELBO, log-mean-exp for L_k. Since E_q[grad log q] = 0, any b_i that does not depend on z_i leaves the
-    estimator unbiased; b_i is the leave-one-out baseline, total() of the k samples with f_i replaced by the
-    mean of the other k - 1 (Kool et al. 2019; for L_k, where f = log w, this is the VIMCO baseline of
-    Mnih & Rezende 2016, eq. (9): w_i replaced by the geometric mean of the others). For k = 1 there is no
-    other sample, and b = 0. log_q: (k, B) -> (B,).
+    f: (k, B), the detached per-sample terms whose total(f) -> (B,) is estimated (the mean for the ELBO,
+    log-mean-exp for L_k); log_q: (k, B). As E_q[grad log q] = 0, a b_i free of z_i keeps it unbiased: b_i is the
+    leave-one-out baseline (Kool et al. 2019; for L_k, VIMCO's, Mnih & Rezende 2016, eq. (9)); b = 0 for k = 1.
     """
     k = f.shape[0]
     learning_signal = total(f).expand_as(f) if k == 1 else total(f) - leave_one_out(f, total)  # (k, B)

@@ -1,9 +1,7 @@
 """What the scripts do, checked from the outside: what the training loop feeds the model and reports, the noise
-of the test ELBO, the optimizer of the IWAE protocol, what the figures draw, and bench.py's GEMM bound.
-
-Each test is written against a behaviour that a deliberate bug would break: it watches what the model is given
-(a spy on VAE.loss), what ends up in the log and the checkpoint, what matplotlib is asked to draw, and which
-matrix products autograd really runs.
+of the test ELBO, the optimizer of the IWAE protocol, what the figures draw, and bench.py's GEMM bound. Each test
+watches what a deliberate bug would change: what the model is given (a spy on VAE.loss), what ends up in the log
+and the checkpoint, what matplotlib is asked to draw, and which matrix products autograd really runs.
 """
 
 import json
@@ -36,17 +34,18 @@ LOOP = ["--limit", str(N_TRAIN), "--batch-size", str(BATCH), "--hidden-dims", "1
 
 @pytest.fixture
 def training_steps(monkeypatch):
-    """Every training step's call of VAE.loss, as the model met it: {x: the batch, neg_bound: the per-image negative
-    bound it returned, weights: the model's weights before it, rng: the CPU random state before it} (copies)."""
+    """Every training step's call of VAE.loss, as the model met it: {x: the batch, y: its labels, neg_bound: the
+    per-image negative bound it returned, weights: the model's weights before it, rng: the CPU random state before
+    it} (copies)."""
     seen = []
     real_loss = VAE.loss
 
-    def loss(self, x, *args, **kwargs):
+    def loss(self, x, y=None, *args, **kwargs):
         if torch.is_inference_mode_enabled():  # the test ELBO, not a training step
-            return real_loss(self, x, *args, **kwargs)
+            return real_loss(self, x, y, *args, **kwargs)
         before = {"weights": {k: v.clone() for k, v in self.state_dict().items()}, "rng": torch.get_rng_state()}
-        result = real_loss(self, x, *args, **kwargs)
-        seen.append({"x": x.detach().clone(), "neg_bound": result.neg_bound.clone(), **before})
+        result = real_loss(self, x, y, *args, **kwargs)
+        seen.append({"x": x.clone(), "y": y, "neg_bound": result.neg_bound.clone(), **before})
         return result
 
     monkeypatch.setattr(VAE, "loss", loss)
@@ -75,36 +74,40 @@ def source_of(x, grey, pixels):
 
 
 @pytest.mark.parametrize(
-    "likelihood, pixels_flag, pixels",
-    [("bernoulli", "auto", "binary"), ("cb", "auto", "dequantized"), ("bernoulli", "grey", "grey")],
+    "flags, pixels",
+    [("--likelihood bernoulli", "binary"), ("--likelihood cb", "dequantized"), ("--pixels grey --conditional", "grey")],
 )
 def test_each_epoch_feeds_every_image_once_in_a_new_order_presented_anew(
-    tmp_path, data_dir, tiny_run, training_steps, likelihood, pixels_flag, pixels
+    tmp_path, data_dir, tiny_run, training_steps, flags, pixels
 ):
     """Per epoch, the model is given every training image exactly once, shuffled, in an order that changes from
     epoch to epoch; a Bernoulli model sees binary images and a CB model dequantized ones, drawn anew each epoch;
-    and the logged training loss is the exact mean over the images, the short last batch weighted by its size."""
-    log = log_of(tiny_run.train(tmp_path / "run", *LOOP, "--likelihood", likelihood, "--pixels", pixels_flag, epochs=2))
-    grey, _ = load_mnist(data_dir, train=True, limit=N_TRAIN)
+    a conditional model, each image with its label; and the logged training loss is the exact mean over the
+    images, the short last batch weighted by its size."""
+    log = log_of(tiny_run.train(tmp_path / "run", *LOOP, *flags.split(), epochs=2))
+    grey, labels = load_mnist(data_dir, train=True, limit=N_TRAIN)
     steps = len(BATCH_SIZES)
     assert len(training_steps) == 2 * steps
     orders, presented = [], []
     for epoch in range(2):
-        batches = [(step["x"], step["neg_bound"]) for step in training_steps[epoch * steps : (epoch + 1) * steps]]
-        assert [x.shape[0] for x, _ in batches] == BATCH_SIZES
-        x = torch.cat([x for x, _ in batches])  # (100, 1, 28, 28)
+        batches = training_steps[epoch * steps : (epoch + 1) * steps]
+        assert [step["x"].shape[0] for step in batches] == BATCH_SIZES
+        x = torch.cat([step["x"] for step in batches])  # (100, 1, 28, 28)
         if pixels == "binary":
             assert ((x == 0) | (x == 1)).all(), "a Bernoulli model's training images must be binary"
             assert 0.05 < x.mean() < 0.3  # and not all zeros: MNIST's mean pixel is 0.13
         order = source_of(x, grey, pixels)
         assert sorted(order.tolist()) == list(range(N_TRAIN)), "each training image exactly once per epoch"
+        if "--conditional" in flags:
+            assert torch.equal(torch.cat([step["y"] for step in batches]), labels[order])
         orders.append(order.tolist())
         presented.append(x[order.argsort()])  # back in index order
         # The logged loss is the mean over the 100 images, not over the 4 batches.
-        neg_bounds = torch.cat([b for _, b in batches]).double()
-        assert log[epoch]["train_loss"] == pytest.approx(neg_bounds.mean().item(), rel=1e-6)
-        batch_means = torch.stack([b.double().mean() for _, b in batches])  # what equal weights would give
-        assert abs(batch_means.mean().item() - neg_bounds.mean().item()) > 1e-4 * abs(neg_bounds.mean().item())
+        neg_bounds = [step["neg_bound"].double() for step in batches]
+        mean = torch.cat(neg_bounds).mean().item()
+        assert log[epoch]["train_loss"] == pytest.approx(mean, rel=1e-6)
+        batch_means = torch.stack([b.mean() for b in neg_bounds])  # what equal weights would give
+        assert abs(batch_means.mean().item() - mean) > 1e-4 * abs(mean)
     assert orders[0] != list(range(N_TRAIN)) and orders[1] != list(range(N_TRAIN)), "shuffled"
     assert orders[0] != orders[1], "a new order each epoch"
     if pixels == "grey":
@@ -147,8 +150,7 @@ def test_each_step_is_plain_adam_on_the_batch_loss(tmp_path, data_dir, tiny_run,
 def test_networks_are_not_affine_and_use_their_activation(make_vae, arch):
     """Every hidden layer applies the configured nonlinearity: the encoder and the decoder are not affine maps
     (for an affine f, f(a) + f(b) = f(a + b) + f(0)), and the same weights under relu and tanh differ."""
-    relu = make_vae(latent_dim=3, arch=arch, activation="relu")
-    tanh = make_vae(latent_dim=3, arch=arch, activation="tanh")
+    relu, tanh = (make_vae(latent_dim=3, arch=arch, activation=act) for act in ("relu", "tanh"))
     tanh.load_state_dict(relu.state_dict())
     a, b = torch.rand(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     za, zb = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
@@ -172,9 +174,8 @@ def test_test_elbo_is_the_same_whatever_the_training_random_state(make_vae, monk
     model = make_vae(latent_dim=3)
     with torch.no_grad():
         model.to_logvar.bias.fill_(1.0)  # a wide q(z|x): the one-sample ELBO depends on its draw
-    images = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(1)).bernoulli(
-        generator=torch.Generator().manual_seed(2)
-    )
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 1, 28, 28, generator=g).bernoulli(generator=g)
     results = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -207,11 +208,8 @@ def test_iwae_protocol_runs_adam_with_eps_1e_4(run_copy):
 def test_iwae_learning_rate_stays_at_its_last_value_after_the_last_stage():
     """After the 3280 epochs of the 8 stages the lr stays at 1e-3 * 10^(-7/7) = 1e-4: it does not decay on."""
     config = train.TrainConfig(schedule="iwae", lr=1e-3)
-    last = train.learning_rate(config, 3280)
-    assert last == pytest.approx(1e-4, rel=1e-12)
-    assert train.learning_rate(config, 3279) == last  # the last stage's 3^7 = 2187 epochs
-    for epoch in (3281, 3282, 4000, 3280 + 3**8, 10**6):
-        assert train.learning_rate(config, epoch) == last, epoch
+    lrs = [train.learning_rate(config, epoch) for epoch in (3279, 3280, 3281, 3282, 4000, 3280 + 3**8, 10**6)]
+    assert lrs[0] == pytest.approx(1e-4, rel=1e-12) and len(set(lrs)) == 1  # 3279: in the last stage, of 3^7 epochs
 
 
 # --------------------------------------------------------------------------------------------- the figures
@@ -219,12 +217,11 @@ def test_iwae_learning_rate_stays_at_its_last_value_after_the_last_stage():
 
 def images_of(fig):
     """[(title, y tick labels, the array drawn)] for every image of a figure."""
-    out = []
-    for ax in fig.axes:
-        for image in ax.get_images():
-            labels = [t.get_text() for t in ax.get_yticklabels()]
-            out.append((ax.get_title(), labels, np.asarray(image.get_array())))
-    return out
+    return [
+        (ax.get_title(), [t.get_text() for t in ax.get_yticklabels()], np.asarray(image.get_array()))
+        for ax in fig.axes
+        for image in ax.get_images()
+    ]
 
 
 def untiled(array, side=28):
@@ -233,14 +230,11 @@ def untiled(array, side=28):
     return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
 
 
-def expected_mean(model, logits):
-    """What a figure must show for these logits: E[x|z], the CB mean for a CB decoder (not lambda)."""
-    return cb_mean(logits) if model.config.likelihood == "cb" else torch.sigmoid(logits)
-
-
-def other_mean(model, logits):
-    """What it must not show: the other likelihood's mean (lambda, for a CB decoder)."""
-    return torch.sigmoid(logits) if model.config.likelihood == "cb" else cb_mean(logits)
+def right_and_wrong(model, logits):
+    """What a figure must show for these logits, E[x|z] (the CB mean for a CB decoder, not lambda), and what it must
+    not: the other likelihood's mean."""
+    lam, mean = torch.sigmoid(logits), cb_mean(logits)
+    return (mean, lam) if model.config.likelihood == "cb" else (lam, mean)
 
 
 def assert_drawn(array, expected, wrong=None):
@@ -259,29 +253,22 @@ def test_figures_draw_the_decoder_mean(make_vae, likelihood):
     differ by up to 0.16."""
     model = make_vae(likelihood=likelihood, latent_dim=2, spread=True)
 
-    fig = visualize.samples_figure(model)
+    ((_, _, array),) = images_of(visualize.samples_figure(model))
     z = torch.randn(100, 2, generator=torch.Generator().manual_seed(PRIOR_SAMPLE_SEED))
-    logits = model.decode(z)
-    ((_, _, array),) = images_of(fig)
-    assert_drawn(untiled(array), expected_mean(model, logits).reshape(10, 10, 28, 28), other_mean(model, logits))
+    assert_drawn(untiled(array), *right_and_wrong(model, model.decode(z)))
 
-    fig = visualize.manifold_figure(model, manifold.latent_plane(torch.randn(50, 2)))
+    ((_, _, array),) = images_of(visualize.manifold_figure(model, manifold.latent_plane(torch.randn(50, 2))))
     # Kingma & Welling's Fig. 4: z1 at the Gaussian quantiles (c + 1/2) / 20 along the columns, z2 along the rows,
     # growing upwards.
     q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(20) + 0.5) / 20)
     z = torch.stack([q[None, :].expand(20, 20), q.flip(0)[:, None].expand(20, 20)], -1)  # [row, col] -> (z1, z2)
-    logits = model.decode(z)
-    ((_, _, array),) = images_of(fig)
-    assert_drawn(untiled(array), expected_mean(model, logits).reshape(20, 20, 28, 28), other_mean(model, logits))
+    assert_drawn(untiled(array), *right_and_wrong(model, model.decode(z)))
 
     x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    fig = visualize.reconstructions_figure(model, x)
-    logits = model.decode(model.encode(x[:10])[0])
-    ((_, labels, array),) = images_of(fig)
+    ((_, labels, array),) = images_of(visualize.reconstructions_figure(model, x))
     assert labels == ["test", "recon"]
-    rows = untiled(array)
-    assert_drawn(rows[0], x[:10, 0])
-    assert_drawn(rows[1], expected_mean(model, logits), other_mean(model, logits))
+    assert_drawn(untiled(array)[0], x[:10, 0])
+    assert_drawn(untiled(array)[1], *right_and_wrong(model, model.decode(model.encode(x[:10])[0])))
 
 
 @torch.inference_mode()
@@ -354,8 +341,7 @@ def test_gemm_plan_is_the_products_autograd_runs(make_vae):
     planned = Counter()
     for m, k, n, _, repeats in bench.gemm_plan(model, n_train, n_test, batch_size):
         planned[(m, k, n)] += repeats
-    planned = +planned  # drop the shapes planned zero times
-    assert planned == ran.products
+    assert +planned == ran.products  # +: without the shapes planned zero times
     n_layers = 7  # encoder 784-20-10, mu and logvar heads, decoder 3-10-20-784
     assert sum(ran.products.values()) == 3 * (3 * n_layers - 1) + n_layers
 

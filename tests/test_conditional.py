@@ -1,9 +1,7 @@
-"""The label-conditioned VAE (q(z|x, y), p(x|z, y), p(z) = N(0, I)), KL warm-up and the training film.
-
-The conditional densities against torch.distributions for a fixed label; labels travelling with their images
-through shuffling and into the loss; the generative classifier against a model whose decoder ignores z, where
-it is exact; the identity between the conditional and the marginal NLL; the warm-up's weight, step by step,
-and a resumed warm-up; the frames of the film, dropped past a resumed epoch; and the conditional figures.
+"""The label-conditioned VAE (q(z|x, y), p(x|z, y), p(z) = N(0, I)), KL warm-up and the training film: the
+conditional densities against torch.distributions; the generative classifier where it is exact, and the conditional
+and marginal NLL it reports; the warm-up's weight; the frames of the film, dropped past a resumed epoch; and the
+conditional figures. (Labels travelling with their images: test_behaviour.py; resumed runs: test_fitting.py.)
 """
 
 import json
@@ -18,10 +16,7 @@ import evaluate
 import scoring
 import train
 import visualize
-from checkpoints import load_checkpoint
-from data import labelled_batches, load_train_set
 from manifold import class_grid_images, prior_z
-from model import VAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,22 +44,15 @@ def log_records(out):
 @torch.no_grad()
 def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(conditional_vae, arch):
     """log w = log p(x|z, y) + log p(z) - log q(z|x, y) with the one-hot label y beside the image and the code."""
-    vae, x, k = conditional_vae(arch), images(3), 4
-    y = torch.tensor([7, 7, 7])
+    vae, x, k, y = conditional_vae(arch), images(3), 4, torch.tensor([7, 7, 7])
     log_w = vae.log_weights(x, k, torch.Generator().manual_seed(0), y=y)
     mu, logvar = vae.encode(x, y)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(
-        (k, *mu.shape), generator=torch.Generator().manual_seed(0), dtype=F64
-    )
-    one_hot = torch.nn.functional.one_hot(y, 10).to(F64)
-    hidden = vae.decoder(torch.cat([z, one_hot.expand(k, -1, -1)], -1).reshape(k * 3, -1))  # the label, concatenated
-    logits = vae.to_logits(hidden).reshape(k, 3, 1, 28, 28)
-    reference = (
-        Independent(Bernoulli(logits=logits), 3).log_prob(x)
-        + Independent(Normal(torch.zeros_like(z), 1.0), 1).log_prob(z)
-        - Independent(Normal(mu, torch.exp(0.5 * logvar)), 1).log_prob(z)
-    )
-    torch.testing.assert_close(log_w, reference, rtol=1e-10, atol=1e-8)
+    q = Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+    z = mu + q.stddev * torch.randn((k, *mu.shape), generator=torch.Generator().manual_seed(0), dtype=F64)
+    one_hot = torch.nn.functional.one_hot(y, 10).to(F64).expand(k, 3, 10)  # the label, beside the code
+    logits = vae.to_logits(vae.decoder(torch.cat([z, one_hot], -1).reshape(k * 3, -1))).reshape(k, 3, 1, 28, 28)
+    log_p = Independent(Bernoulli(logits=logits), 3).log_prob(x) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(log_w, log_p - q.log_prob(z), rtol=1e-10, atol=1e-8)
     # the label matters, in the encoder and the decoder
     assert not torch.allclose(vae.encode(x, torch.tensor([1, 1, 1]))[0], mu)
     assert not torch.allclose(vae.decode(z, torch.tensor([1, 1, 1])), vae.decode(z, y))
@@ -72,56 +60,11 @@ def test_conditional_log_weights_match_torch_distributions_for_a_fixed_label(con
         vae.encode(x)
 
 
-def test_a_label_morph_at_its_ends_is_the_label(conditional_vae):
-    vae, z = conditional_vae(), torch.randn(4, 3, dtype=F64)
-    y = torch.tensor([2, 5, 5, 9])
-    weights = torch.nn.functional.one_hot(y, 10).to(F64)
-    torch.testing.assert_close(vae.decode(z, weights), vae.decode(z, y), rtol=0, atol=0)
-
-
-def test_an_unconditional_model_ignores_labels(make_vae):
+def test_a_label_morph_at_its_ends_is_the_label_and_an_unconditional_model_ignores_labels(conditional_vae, make_vae):
+    vae, z, y = conditional_vae(), torch.randn(4, 3, dtype=F64), torch.tensor([2, 5, 5, 9])
+    assert torch.equal(vae.decode(z, torch.nn.functional.one_hot(y, 10).to(F64)), vae.decode(z, y))
     vae, x = make_vae().double(), images(2)
     assert torch.equal(vae.encode(x)[0], vae.encode(x, torch.tensor([3, 4]))[0])
-
-
-# --------------------------------------------------------------------------------------------- labels and images
-
-
-def test_labels_travel_with_their_images_through_shuffling():
-    """Each image carries its index in its first pixels; its label is a function of that index."""
-    n = 103
-    index = torch.arange(n, dtype=torch.float32)
-    grey = torch.zeros(n, 1, 28, 28)
-    grey[:, 0, 0, 0] = index / 255
-    labels = (index.long() * 7) % 10
-    seen = torch.zeros(n, dtype=torch.long)
-    for x, y in labelled_batches(grey, labels, 16, shuffle=True, generator=torch.Generator().manual_seed(0)):
-        ids = torch.round(x[:, 0, 0, 0] * 255).long()
-        assert torch.equal(y, labels[ids])
-        seen[ids] += 1
-    assert (seen == 1).all()
-
-
-def test_the_training_loop_gives_the_loss_each_batch_with_its_labels(tmp_path, data_dir, tiny_run, monkeypatch):
-    """A conditional run: every batch VAE.loss sees comes with the labels of its very images (found by matching
-    each presented image against the training set it was drawn from)."""
-    seen = []
-    real_loss = VAE.loss
-
-    def loss(self, x, y=None, *args, **kwargs):
-        if not torch.is_inference_mode_enabled():  # a training step, not the test ELBO
-            seen.append((x.detach().clone(), y.clone()))
-        return real_loss(self, x, y, *args, **kwargs)
-
-    monkeypatch.setattr(VAE, "loss", loss)
-    tiny_run.train(tmp_path / "run", "--conditional", "--pixels", "grey")
-    grey, labels = load_train_set(data_dir, "cpu", 128)
-    flat = grey.flatten(1)
-    for x, y in seen:
-        match = (x.flatten(1)[:, None, :] == flat[None]).all(-1)  # (B, 256): which training image each is
-        assert (match.sum(1) >= 1).all()
-        assert torch.equal(y, labels[match.float().argmax(1)])
-    assert sum(len(y) for _, y in seen) == 128
 
 
 # --------------------------------------------------------------------------------------------- the classifier
@@ -138,9 +81,8 @@ def test_the_generative_classifier_on_a_model_whose_decoder_ignores_z(make_vae):
     vae.decoder[0].weight[:, 2:] = torch.eye(10, dtype=F64)  # the hidden layer is the one-hot label: z ignored
     vae.to_logits.weight.copy_(templates.T)  # logits = templates[y]
     truth = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    x = torch.bernoulli(
-        torch.sigmoid(templates[truth]).reshape(-1, 1, 28, 28), generator=torch.Generator().manual_seed(2)
-    )
+    g = torch.Generator().manual_seed(2)
+    x = torch.bernoulli(torch.sigmoid(templates[truth]).reshape(-1, 1, 28, 28), generator=g)
     x[0] = x[1]  # one image a 1 drawn for a 3: the classifier must say 1, as p(x|y) does
     log_px_y = scoring.label_log_likelihoods(vae, x, 7, batch_size=3, generator=torch.Generator().manual_seed(0))
     each = Independent(Bernoulli(logits=templates.reshape(10, 1, 28, 28)), 3)
@@ -153,43 +95,14 @@ def test_the_generative_classifier_on_a_model_whose_decoder_ignores_z(make_vae):
     assert scores["test_nll_marginal"] == pytest.approx(-marginal.mean().item())
 
 
-def test_the_conditional_nll_is_at_most_log_10_below_the_marginal():
-    log_px_y = torch.randn(50, 10, dtype=F64, generator=torch.Generator().manual_seed(0)) * 30 - 100
-    labels = torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(1))
-    scores = scoring.conditional_scores(log_px_y, labels)
-    assert scores["test_nll"] >= scores["test_nll_marginal"] - math.log(10) - 1e-12
-    best = scoring.conditional_scores(log_px_y, log_px_y.argmax(1))
-    assert best["classifier_accuracy"] == 1.0 and best["test_nll"] < scores["test_nll"]
-
-
 # --------------------------------------------------------------------------------------------- end to end
 
 
 CONDITIONAL = ("--conditional", "--frames", "--latent-dim", "2")
 
 
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory, tiny_run, one_thread_for_the_module):
-    """A conditional 2-D run, 2 epochs with frames (shared: read-only), and the same run as 1 epoch then --resume
-    to 2: {"straight": its out dir, "resumed": ...}."""
-    resumed = tiny_run.train(tmp_path_factory.mktemp("conditional") / "resumed", *CONDITIONAL, epochs=1)
-    train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
-    return {"straight": tiny_run(*CONDITIONAL, epochs=2), "resumed": resumed}
-
-
-def test_conditional_training_resumes_bit_exactly(conditional_run):
-    straight, resumed = log_records(conditional_run["straight"]), log_records(conditional_run["resumed"])
-    for a, b in zip(straight, resumed, strict=True):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    (a, _), (b, _) = (
-        load_checkpoint(conditional_run["straight"] / "ckpt.pt"),
-        load_checkpoint(conditional_run["resumed"] / "ckpt.pt"),
-    )
-    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
-
-
-def test_a_conditional_checkpoint_is_evaluated_and_drawn_with_no_flag_saying_so(conditional_run, tmp_path):
-    ckpt = conditional_run["straight"] / "ckpt.pt"
+def test_a_conditional_checkpoint_is_evaluated_and_drawn_with_no_flag_saying_so(tiny_run, tmp_path):
+    ckpt = tiny_run(*CONDITIONAL, epochs=2) / "ckpt.pt"
     results = evaluate.main(["--checkpoint", str(ckpt), "--k", "4", "--limit", "64", "--exact-images", "2"])
     assert {"test_nll", "test_nll_marginal", "classifier_accuracy", "classifier_k", "test_nll_exact"} <= results.keys()
     assert results["classifier_k"] == 4 and 0 <= results["classifier_accuracy"] <= 1
@@ -247,15 +160,11 @@ def test_the_kl_weight_rises_linearly_per_step_to_beta():
     assert torch.equal(train.kl_weights(train.TrainConfig(beta=0.5), 7, n), torch.full((n,), 0.5))
 
 
-def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, tiny_run, one_thread):
-    straight = tiny_run("--kl-warmup", "3", epochs=2)
-    resumed = tiny_run.train(tmp_path / "resumed", "--kl-warmup", "3", epochs=1)
-    train.main(["--resume", "--epochs", "2", "--out-dir", str(resumed), "--device", "cpu"])
-    a, b = log_records(straight), log_records(resumed)
+def test_a_warm_up_logs_its_weight_and_leaves_the_test_loss_the_elbo(tiny_run):
+    """(A warm-up resumed where it stopped: test_fitting.py.)"""
+    a = log_records(tiny_run("--kl-warmup", "3", epochs=2))
     assert [r["kl_weight"] for r in a] == pytest.approx([1 / 3, 2 / 3])
     assert a[0]["train_bound"] == "recon + kl_weight KL"
-    for x, y in zip(a, b, strict=True):
-        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
     plain = log_records(tiny_run(epochs=2))
     assert plain[0]["kl_weight"] == 1.0 and plain[0]["train_loss"] != a[0]["train_loss"]
     # the test loss stays the plain -ELBO: recon + KL at weight 1
@@ -265,52 +174,41 @@ def test_a_warm_up_resumes_where_it_stopped_and_logs_its_weight(tmp_path, tiny_r
 # --------------------------------------------------------------------------------------------- the figures
 
 
-def images_of(fig):
-    return [np.asarray(image.get_array()) for ax in fig.axes for image in ax.get_images()]
-
-
-def tiles(array, side=28):
-    rows, cols = array.shape[0] // side, array.shape[1] // side
-    return array.reshape(rows, side, cols, side).transpose(0, 2, 1, 3)
-
-
-def labelled_rows(fig):
-    """[(y tick labels, x tick labels, the tiles (rows, cols, 28, 28))] of a figure's one image."""
+def labelled_tiles(fig):
+    """The y and the x tick labels of a figure's one image, and its tiles (rows, cols, 28, 28)."""
     (ax,) = fig.axes
     (image,) = ax.get_images()
-    names = [[t.get_text() for t in ticks] for ticks in (ax.get_yticklabels(), ax.get_xticklabels())]
-    return *names, tiles(np.asarray(image.get_array()))
+    array = np.asarray(image.get_array())
+    tiles = array.reshape(array.shape[0] // 28, 28, array.shape[1] // 28, 28).transpose(0, 2, 1, 3)
+    return [t.get_text() for t in ax.get_yticklabels()], [t.get_text() for t in ax.get_xticklabels()], tiles
 
 
 @torch.no_grad()
 def test_each_row_and_column_of_the_conditional_figures_shows_the_digit_it_names(conditional_vae):
     """The class grid: row y, named y, is E[x|z_j, y] for the shared z_j of column j. The analogies: row i is test
     image i, then its code decoded with the digit each column names. The samples: row r is the digit r."""
-    vae = conditional_vae(latent_dim=2).float()
-    z = prior_z(10, 2, "cpu")
-    rows, _, grid = labelled_rows(visualize.class_grid_figure(vae))
+    vae, digits = conditional_vae(latent_dim=2).float(), torch.arange(10)
+
+    def mean(z, y):
+        return torch.sigmoid(vae.decode(z, y)).reshape(*y.shape, 28, 28).numpy()
+
+    rows, _, grid = labelled_tiles(visualize.class_grid_figure(vae))
     assert rows == [str(d) for d in range(10)]
-    for y in range(10):
-        expected = torch.sigmoid(vae.decode(z, torch.full((10,), y))).reshape(10, 28, 28)
-        np.testing.assert_allclose(grid[y], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        grid, mean(prior_z(10, 2, "cpu").expand(10, 10, 2), digits[:, None].expand(10, 10)), atol=1e-6
+    )
     np.testing.assert_allclose(class_grid_images(vae).reshape(10, 10, 28, 28).numpy(), grid, atol=1e-6)
 
     x, y = images(8).float(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    rows, columns, analogies = labelled_rows(visualize.analogies_figure(vae, x, y))
+    rows, columns, analogies = labelled_tiles(visualize.analogies_figure(vae, x, y))
     assert rows == [f"test: {d}" for d in y.tolist()] and columns == ["x", *map(str, range(10))]
+    np.testing.assert_allclose(analogies[:, 0], x[:, 0].numpy(), atol=1e-6)  # the test images themselves
     mu, _ = vae.encode(x, y)
-    for i in range(8):
-        np.testing.assert_allclose(analogies[i, 0], x[i, 0].numpy(), atol=1e-6)  # the test image itself
-        for c, digit in enumerate(columns[1:], start=1):
-            expected = torch.sigmoid(vae.decode(mu[i], torch.tensor(int(digit)))).reshape(28, 28)
-            np.testing.assert_allclose(analogies[i, c], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(analogies[:, 1:], mean(mu[:, None].expand(8, 10, 2), digits.expand(8, 10)), atol=1e-6)
 
-    (image,) = visualize.samples_figure(vae).axes[0].get_images()
-    samples = tiles(np.asarray(image.get_array()))
+    _, _, samples = labelled_tiles(visualize.samples_figure(vae))
     z = prior_z(100, 2, "cpu").reshape(10, 10, 2)
-    for r in range(10):
-        expected = torch.sigmoid(vae.decode(z[r], torch.full((10,), r))).reshape(10, 28, 28)
-        np.testing.assert_allclose(samples[r], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(samples, mean(z, digits[:, None].expand(10, 10)), atol=1e-6)
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -320,8 +218,7 @@ def test_the_interpolation_runs_between_the_posterior_means_of_two_different_dig
     x, y = images(20).float(), torch.tensor([7, 7, 2, 1, 1, 0, 4, 4, 4, 9, 5, 5, 3, 8, 8, 6, 2, 2, 0, 1])
     pairs = visualize.pairs_of_different_digits(y)
     assert pairs == [(0, 2), (3, 5), (6, 9), (10, 12), (13, 15)]
-    (drawn,) = images_of(visualize.interpolation_figure(vae, x, y))
-    rows = tiles(drawn)
+    _, _, rows = labelled_tiles(visualize.interpolation_figure(vae, x, y))
     assert rows.shape[:2] == ((2 if conditional else 1) * visualize.N_PAIRS, visualize.STEPS + 2)
     i, j = pairs[0]
     np.testing.assert_allclose(rows[0, 0], x[i, 0].numpy(), atol=1e-6)  # the pair itself, at the ends

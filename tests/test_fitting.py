@@ -1,4 +1,4 @@
-"""The ways of fitting: the ELBO and IWAE objectives, the pathwise and score-function gradient estimators.
+"""The ways of fitting: the pathwise and score-function gradient estimators, and training with each objective.
 
 Estimators are checked against each other: two unbiased estimators of the same gradient have the same mean,
 so for every encoder parameter the difference of their sample means, divided by its standard error, is
@@ -12,16 +12,14 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Independent, Normal
 
 import gradient_variance
-import model as model_module
+import model
 import train
 import visualize
 from checkpoints import load_checkpoint
 from data import load_test_set
 from gradient_variance import encoder_gradients, noise_summary
-from model import log_likelihood
 from scoring import mean_neg_iwae_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,21 +32,19 @@ FITTING = ["--batch-size", "64", "--hidden-dims", "32", "--latent-dim", "4"]
 
 
 @pytest.fixture
-def vae(make_vae):
-    """A tiny float64 VAE, 2-D latent, one hidden layer of 2."""
+def grads(make_vae):
+    """grads(objective, k, estimator, seed, draws=DRAWS): (draws, P) estimates of the encoder's gradient on 3
+    binary images, by a tiny float64 VAE (2-D latent, one hidden layer of 2)."""
     vae = make_vae(latent_dim=2, hidden_dims=(2,), activation="relu").double()
     with torch.no_grad():  # a posterior with some spread: otherwise every estimator is nearly exact
         vae.to_logvar.bias.fill_(-0.5)
-    return vae
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 1, 28, 28, generator=g, dtype=F64).bernoulli(generator=g)
 
+    def estimates(objective, k, estimator, seed, draws=DRAWS):
+        return encoder_gradients(vae, x, draws, objective, k, estimator, torch.Generator().manual_seed(seed))
 
-def tiny_x(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=g, dtype=F64).bernoulli(generator=g)
-
-
-def grads(vae, x, objective, k, estimator, seed, draws=DRAWS):
-    return encoder_gradients(vae, x, draws, objective, k, estimator, torch.Generator().manual_seed(seed))
+    return estimates
 
 
 def max_z(a, b):
@@ -58,63 +54,31 @@ def max_z(a, b):
     return ((a.mean(0) - b.mean(0))[alive].abs() / se[alive]).max().item()
 
 
-def test_iwae_at_k_1_is_the_elbo_with_a_sampled_kl(vae):
-    """Same z draws (same seed): -L_1 = -log p(x|z) + log q(z|x) - log p(z), recomputed with torch.distributions."""
-    x = tiny_x()
-    neg_l1 = vae.loss(x, None, "iwae", 1, generator=torch.Generator().manual_seed(5)).neg_bound
-    with torch.no_grad():
-        mu, logvar = vae.encode(x)
-        z = vae.reparameterize(mu, logvar, torch.Generator().manual_seed(5))  # the same eps
-        q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
-        prior = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
-        expected = -log_likelihood(vae.decode(z), x, "bernoulli") + q.log_prob(z) - prior.log_prob(z)
-    torch.testing.assert_close(neg_l1, expected, rtol=1e-12, atol=1e-10)
-
-
-def test_elbo_with_k_samples_averages_k_one_sample_elbos(vae):
-    x = tiny_x()
-    neg_elbo = vae.loss(x, None, "elbo", 4, generator=torch.Generator().manual_seed(6)).neg_bound
-    with torch.no_grad():
-        mu, logvar = vae.encode(x)
-        z = vae.reparameterize(
-            mu.expand(4, *mu.shape), logvar.expand(4, *logvar.shape), torch.Generator().manual_seed(6)
-        )
-        recon = -torch.stack([log_likelihood(vae.decode(zi), x, "bernoulli") for zi in z]).mean(0)
-        expected = recon + model_module.kl_std_normal(mu, logvar)
-    torch.testing.assert_close(neg_elbo, expected, rtol=1e-12, atol=1e-10)
-
-
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 @pytest.mark.parametrize("k", [1, 5])
-def test_score_function_gradient_is_unbiased(objective, k, vae):
+def test_score_function_gradient_is_unbiased(objective, k, grads):
     """Score-function and pathwise estimates of the encoder's gradient have the same mean."""
-    x = tiny_x()
-    pathwise = grads(vae, x, objective, k, "pathwise", seed=1, draws=500)
-    score = grads(vae, x, objective, k, "score", seed=2)
-    assert max_z(score, pathwise) < Z_MAX
+    assert max_z(grads(objective, k, "score", seed=2), grads(objective, k, "pathwise", seed=1, draws=500)) < Z_MAX
 
 
-def test_a_biased_score_estimator_is_caught(monkeypatch, vae):
+def test_a_biased_score_estimator_is_caught(monkeypatch, grads):
     """The check above can fail: a baseline that includes the sample's own term (b_i = the mean of all k f_j,
     f_i among them) shrinks the learning signal (f_i - b_i) / k by (k - 1)/k: a 20 % bias at k = 5."""
-    x = tiny_x()
-    pathwise = grads(vae, x, "elbo", 5, "pathwise", seed=1, draws=500)
-    monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: total(f) - (f - f.mean(0)) / f.shape[0])
-    biased = grads(vae, x, "elbo", 5, "score", seed=2)
-    assert max_z(biased, pathwise) > Z_MAX
+    pathwise = grads("elbo", 5, "pathwise", seed=1, draws=500)
+    monkeypatch.setattr(model, "leave_one_out", lambda f, total: total(f) - (f - f.mean(0)) / f.shape[0])
+    assert max_z(grads("elbo", 5, "score", seed=2), pathwise) > Z_MAX
 
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
-def test_leave_one_out_baseline_keeps_the_mean_and_lowers_the_variance(objective, monkeypatch, vae):
-    x = tiny_x()
-    with_baseline = grads(vae, x, objective, 5, "score", seed=3)
-    monkeypatch.setattr(model_module, "leave_one_out", lambda f, total: torch.zeros_like(f))  # b = 0
-    without = grads(vae, x, objective, 5, "score", seed=4)
+def test_leave_one_out_baseline_keeps_the_mean_and_lowers_the_variance(objective, monkeypatch, grads):
+    with_baseline = grads(objective, 5, "score", seed=3)
+    monkeypatch.setattr(model, "leave_one_out", lambda f, total: torch.zeros_like(f))  # b = 0
+    without = grads(objective, 5, "score", seed=4)
     assert max_z(with_baseline, without) < Z_MAX
     assert noise_summary(with_baseline)["variance"] < 0.5 * noise_summary(without)["variance"]
 
 
-@pytest.mark.parametrize("total", [model_module.mean_over_samples, model_module.log_mean_exp], ids=["elbo", "iwae"])
+@pytest.mark.parametrize("total", [model.mean_over_samples, model.log_mean_exp], ids=["elbo", "iwae"])
 def test_leave_one_out_baseline_replaces_each_sample_by_the_mean_of_the_others(total):
     """b_i = total(f with f_i replaced by the mean of the other k - 1 samples), computed here one i at a time; for
     L_k, where f = log w, this is VIMCO's baseline (w_i replaced by the geometric mean of the others)."""
@@ -125,7 +89,7 @@ def test_leave_one_out_baseline_replaces_each_sample_by_the_mean_of_the_others(t
         replaced = f.clone()
         replaced[i] = torch.cat([f[:i], f[i + 1 :]]).mean(0)
         expected.append(total(replaced))
-    torch.testing.assert_close(model_module.leave_one_out(f, total), torch.stack(expected), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.leave_one_out(f, total), torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
 def test_noise_summary_is_the_per_parameter_variance_and_snr():
@@ -143,35 +107,37 @@ def test_iwae_bound_rises_with_k_on_a_trained_model(tiny_run, data_dir):
 
 
 @pytest.mark.parametrize(
-    "flags", ["", "--objective iwae --k 5", "--estimator score --k 5", "--objective iwae --k 3 --estimator score"]
+    "flags, bound",
+    [
+        ("", "-ELBO"),
+        ("--objective iwae --k 5", "-L_5"),
+        ("--estimator score --k 5", "-ELBO"),
+        ("--objective iwae --k 3 --estimator score", "-L_3"),
+        ("--conditional", "-ELBO"),
+        ("--kl-warmup 3", "recon + kl_weight KL"),  # resumed in the middle of the warm-up
+    ],
 )
-def test_every_way_of_fitting_trains_and_resumes_exactly(tiny_run, run_copy, data_dir, flags):
-    flags = flags.split()
-    common = [*FITTING, "--limit", "512", "--lr", "3e-3", *flags]
-    straight = tiny_run(*common, epochs=3)
+def test_every_way_of_fitting_trains_and_resumes_exactly(tiny_run, run_copy, data_dir, flags, bound):
+    common = [*FITTING, "--limit", "512", "--lr", "3e-3", *flags.split()]
     resumed = run_copy(*common, epochs=1)
     train.main(["--resume", "--epochs", "3", "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(resumed)])
-    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (straight, resumed)]
-    for a, b in zip(*logs, strict=True):
+    straight, resumed = (
+        [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        for run in (tiny_run(*common, epochs=3), resumed)
+    )
+    for a, b in zip(straight, resumed, strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    straight = logs[0]
     assert straight[-1]["test_loss"] < straight[0]["test_loss"] - 1.0  # it learns
-    objective = "iwae" if "iwae" in flags else "elbo"
-    k = int(flags[flags.index("--k") + 1]) if "--k" in flags else 1
-    assert straight[0]["train_bound"] == (f"-L_{k}" if objective == "iwae" else "-ELBO")
-    if objective == "iwae":  # the test bound it trains is logged too, and is tighter than the test ELBO
-        assert all(r[f"test_neg_l{k}"] < r["test_loss"] for r in straight)
-    assert math.isfinite(straight[-1]["train_loss"])
+    assert straight[0]["train_bound"] == bound and math.isfinite(straight[-1]["train_loss"])
+    if bound.startswith("-L_"):  # the test bound it trains is logged too, and is tighter than the test ELBO
+        assert all(r[f"test_neg_l{bound[-1]}"] < r["test_loss"] for r in straight)
 
 
 def test_gradient_variance_script_writes_its_figure_and_json(tmp_path, tiny_run, monkeypatch):
     run = tiny_run(*FITTING, "--limit", "256")
     monkeypatch.setattr(gradient_variance, "KS", (1, 2, 5))
-    plots, json_path = tmp_path / "plots", tmp_path / "gv.json"
-    args = "--images 8 --draws 20 --device cpu".split()
-    results = gradient_variance.main(
-        [*args, "--checkpoint", str(run / "ckpt.pt"), "--plots-dir", str(plots), "--json", str(json_path)]
-    )
+    args = ["--images", "8", "--draws", "20", "--device", "cpu", "--plots-dir", str(tmp_path / "plots")]
+    results = gradient_variance.main([*args, "--checkpoint", str(run / "ckpt.pt"), "--json", str(tmp_path / "gv.json")])
     assert (tmp_path / "plots" / "gradient_variance.png").stat().st_size > 10_000
     written = json.loads((tmp_path / "gv.json").read_text())
     for which in ("trained", "initial"):
