@@ -1,13 +1,11 @@
 """How noisy each way of fitting is: `python gradient_variance.py --checkpoint out/ckpt.pt` (see --help).
 
-For the checkpoint's model and for the same model at initialisation, on one fixed batch of test images
-(presented as in training), it draws the encoder's gradient many times with each estimator and k:
-  pathwise  through z = mu + sigma * eps (the reparameterization trick, Kingma & Welling 2014);
-  score     through log q(z|x), with the leave-one-out baseline for k >= 2 and none for k = 1
-            (Williams 1992; Kool et al. 2019; for L_k, VIMCO, Mnih & Rezende 2016).
-It reports, per estimator and k, the variance of each parameter's gradient across the draws, averaged over
-the encoder's parameters, and the signal-to-noise ratio |mean| / std, averaged likewise (Rainforth et al.
-2018). Writes gradient_variance.png into --plots-dir and, with --json, the numbers.
+For the checkpoint's model and the same model at initialisation, on one fixed batch of test images (presented as
+in training), it draws the encoder's gradient many times with each estimator and k: pathwise, through z = mu +
+sigma * eps (Kingma & Welling 2014), and score, through log q(z|x), with a leave-one-out baseline for k >= 2
+(Williams 1992; Kool et al. 2019; for L_k, VIMCO, Mnih & Rezende 2016). It reports the variance of each
+parameter's gradient across the draws and its signal-to-noise ratio |mean| / std (Rainforth et al. 2018), each
+averaged over the encoder's parameters, in gradient_variance.png under --plots-dir and, with --json, as numbers.
 """
 
 import argparse
@@ -23,18 +21,13 @@ from model import ESTIMATORS, OBJECTIVES, VAE
 
 KS = (1, 2, 5, 10, 50)
 FIGURE = "gradient_variance.png"
-
-
-def encoder_parameters(model):
-    """The parameters of q(z|x): the encoder's body (its convolutions and dense layers) and its two heads."""
-    encoder = ("features.", "encoder.", "to_mu.", "to_logvar.")
-    return [p for name, p in model.named_parameters() if name.startswith(encoder)]
+ENCODER = ("features.", "encoder.", "to_mu.", "to_logvar.")  # q(z|x): the encoder's body and its two heads
 
 
 def encoder_gradients(model, x, draws, objective, k, estimator, generator, y=None):
     """`draws` independent estimates of the gradient of the batch's loss w.r.t. the encoder's parameters:
-    (draws, P), one row per draw, all parameters flattened. y: the batch's labels (a conditional model's)."""
-    params = encoder_parameters(model)
+    (draws, P), all parameters flattened. y: the batch's labels (a conditional model's)."""
+    params = [p for name, p in model.named_parameters() if name.startswith(ENCODER)]
     rows = []
     for _ in range(draws):
         surrogate = model.loss(x, y, objective, k, estimator, generator=generator).surrogate
@@ -52,42 +45,29 @@ def noise_summary(grads):
 
 def measure(model, x, y, draws, objective, seed):
     """{estimator: {k: noise_summary}} for every estimator and k in KS; the same seed for each cell."""
-    table = {}
+    table = {estimator: {} for estimator in ESTIMATORS}
     for estimator in ESTIMATORS:
-        table[estimator] = {}
         for k in KS:
             generator = torch.Generator(device=x.device).manual_seed(seed)
             grads = encoder_gradients(model, x, draws, objective, k, estimator, generator, y)
-            table[estimator][k] = noise_summary(grads)
-            cell = table[estimator][k]
+            cell = table[estimator][k] = noise_summary(grads)
             print(f"  {estimator:8s} k={k:3d}  variance {cell['variance']:.3e}  snr {cell['snr']:.3f}")
     return table
 
 
-def initial_model(state, model, train_images_mean):
-    """The model as the run began: train.py seeds, builds and sets the output bias in this order."""
-    torch.manual_seed(state["train_config"]["seed"])
-    init = VAE(model.config).to(train_images_mean.device)
-    init.init_output_bias(train_images_mean)
-    return init
-
-
 def figure(results):
     fig = Figure(figsize=(10, 4))
-    var_ax, snr_ax = fig.subplots(1, 2)
-    for which, style in (("trained", "o-"), ("initial", "s--")):
-        for estimator, color in zip(ESTIMATORS, ("tab:blue", "tab:red"), strict=True):
-            cells = results[which][estimator]
-            label = f"{estimator}, {which}"
-            var_ax.plot(KS, [cells[k]["variance"] for k in KS], style, color=color, label=label)
-            snr_ax.plot(KS, [cells[k]["snr"] for k in KS], style, color=color, label=label)
-    var_ax.set(title="Encoder gradient: variance per parameter", ylabel="mean over parameters")
-    snr_ax.set(title="Encoder gradient: signal-to-noise |mean| / std", ylabel="mean over parameters")
-    for ax in (var_ax, snr_ax):
-        ax.set(xscale="log", yscale="log", xlabel="k, samples per image")
+    titles = {"variance": "variance per parameter", "snr": "signal-to-noise |mean| / std"}
+    for ax, (stat, title) in zip(fig.subplots(1, 2), titles.items(), strict=True):
+        for which, style in (("trained", "o-"), ("initial", "s--")):
+            for estimator, color in zip(ESTIMATORS, ("tab:blue", "tab:red"), strict=True):
+                values = [results[which][estimator][k][stat] for k in KS]
+                ax.plot(KS, values, style, color=color, label=f"{estimator}, {which}")
+        ax.set(title=f"Encoder gradient: {title}", ylabel="mean over parameters", xlabel="k, samples per image")
+        ax.set(xscale="log", yscale="log")
         ax.set_xticks(KS, [str(k) for k in KS])
         ax.grid(alpha=0.3, which="both")
-    snr_ax.legend(fontsize=8)
+    fig.axes[1].legend(fontsize=8)  # the signal-to-noise panel
     fig.suptitle(f"{results['objective'].upper()}, {results['n_images']} test images, {results['draws']} draws each")
     fig.tight_layout()
     return fig
@@ -115,8 +95,11 @@ def main(argv=None):
     train_config = state["train_config"]
     x, y = load_test_set(data_dir, train_config["pixels"], device, args.images)
     train_mean = load_train_set(data_dir, device, train_config["limit"])[0].mean(0)  # (1, 28, 28)
+    torch.manual_seed(train_config["seed"])  # the model as the run began: train.py seeds, builds, sets the bias
+    initial = VAE(model.config).to(device)
+    initial.init_output_bias(train_mean)
     results = {"checkpoint": args.checkpoint, "objective": args.objective, "n_images": x.shape[0], "draws": args.draws}
-    for which, m in (("trained", model), ("initial", initial_model(state, model, train_mean))):
+    for which, m in (("trained", model), ("initial", initial)):
         print(f"{which} model:")
         results[which] = measure(m.train(), x, y, args.draws, args.objective, args.seed)
     Path(args.plots_dir).mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,6 @@
-"""The measures every script uses, averaged over a split in nats per image (train.py's test ELBO, evaluate.py's
-table, visualize.py's posterior means): each is drawn from a fixed seed, so that every epoch, run and script
-scores on the very same numbers.
-
-  -ELBO           with one z ~ q(z|x) per image (Kingma & Welling 2014, eq. (10));
-  -L_k            the k-sample importance-weighted bound (Burda et al. 2016, eq. (8)), whose -L_5000 is the
-                  test negative log-likelihood the papers report;
-  active units    latent dims whose posterior mean varies across the images (Burda et al., Section 5.2);
-  k-NN accuracy   digit classification from the posterior means, the training images as the reference set
-                  (the measure Loaiza-Ganem & Cunningham 2019 use to compare the latent codes of their VAEs);
-and, for a model with a 2-D latent, log p(x) itself, by quadrature on a grid, and the ELBO without sampling.
+"""The measures every script reports, in nats per image over a split, each drawn from a fixed seed so that every
+epoch, run and script scores on the very same numbers: the -ELBO, the importance-weighted bound -L_k, the active
+units and k-NN accuracy of the posterior means, and, for a 2-D latent, log p(x) itself by quadrature on a grid.
 """
 
 import math
@@ -23,11 +15,9 @@ from model import N_CLASSES, N_PIXELS, diag_normal_log_prob, kl_std_normal, log_
 # Burda et al. (2016), Section 5.2: unit u is active if A_u = Cov_x(E_{q(z|x)}[z_u]) > 10^-2.
 ACTIVE_UNIT_THRESHOLD = 1e-2
 N_NEIGHBORS = 15
-# At most this many elements in one block of work (the decoder output (chunk, B, 1, 28, 28) of one chunk of
-# importance samples, or one block of the test-to-training distance matrix), so that memory stays bounded
-# whatever k and the batch size are. On a CPU, 2^22 float32 = 16 MiB: below glibc's 32 MiB mmap threshold, so
-# a block's memory is reused rather than mapped and zeroed anew each time. On a GPU, 2^26 float32 = 256 MiB:
-# few, large kernels instead of many small ones.
+# At most this many elements in one block of work (one chunk of importance samples' decoder output, one block of
+# the k-NN distances), whatever k and the batch size. CPU: 2^22 float32 = 16 MiB, under glibc's 32 MiB mmap
+# threshold, so the memory is reused, not mapped and zeroed anew. GPU: 256 MiB, few large kernels, not many small.
 BLOCK_ELEMENTS = 2**22
 DEVICE_BLOCK_ELEMENTS = 2**26
 BATCH_SIZE = 500  # test images per batch of the importance-sampled bound
@@ -35,12 +25,9 @@ BATCH_SIZE = 500  # test images per batch of the importance-sampled bound
 
 @torch.inference_mode()
 def mean_neg_elbo(model, images, batch_size=1000, labels=None):
-    """Mean -ELBO over `images` and its two terms (recon, kl), nats per image: the loss train.py minimizes
-    (VAE.loss), with one z per image drawn from ELBO_NOISE_SEED, so that every epoch, run and script scores with
-    the same noise and never touches the training random stream. Returns 0-dim tensors on the images' device: no
-    host synchronisation here. labels (N,): the images' labels, which a conditional model needs (an unconditional
-    one ignores them), here and below.
-    """
+    """Mean -ELBO (Kingma & Welling 2014, eq. (10)) over `images` and its terms (recon, kl): train.py's loss, its z
+    drawn from ELBO_NOISE_SEED, not the training stream. 0-dim tensors on the images' device (no host sync).
+    labels (N,): what a conditional model needs (an unconditional one ignores them), here and below."""
     generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
     recon_sum = torch.zeros((), device=images.device)
     kl_sum = torch.zeros((), device=images.device)
@@ -53,34 +40,31 @@ def mean_neg_elbo(model, images, batch_size=1000, labels=None):
 
 
 def mean_neg_iwae_bound(model, images, k, batch_size=BATCH_SIZE, labels=None):
-    """Mean -L_k over `images`, nats per image, with samples drawn from ELBO_NOISE_SEED (a 0-dim tensor)."""
+    """Mean -L_k over `images`, its samples drawn from ELBO_NOISE_SEED (a 0-dim tensor)."""
     generator = torch.Generator(device=images.device).manual_seed(ELBO_NOISE_SEED)
     return -log_likelihood_estimates(model, images, k, batch_size, generator, labels=labels).mean()
 
 
 @torch.inference_mode()
 def posterior_means(model, images, batch_size=1000, labels=None):
-    """E_q[z|x] = mu(x) for every image: (N, 1, 28, 28) -> (N, latent_dim), in batches to bound memory."""
+    """E_q[z|x] = mu(x) for every image, in batches: (N, 1, 28, 28) -> (N, latent_dim)."""
     return torch.cat([model.encode(x, y)[0] for x, y in labelled_batches(images, labels, batch_size)])
 
 
 def block_elements(device):
-    """The most elements of one block of work on this device: BLOCK_ELEMENTS on the CPU, else DEVICE_BLOCK_ELEMENTS."""
     return BLOCK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_BLOCK_ELEMENTS
 
 
 def samples_per_chunk(k, batch_size, device="cpu"):
-    """How many of the k importance samples to draw at once for a batch of images on `device` (block_elements)."""
+    """How many of the k importance samples to draw at once for a batch of images on `device`."""
     return max(1, min(k, block_elements(device) // (batch_size * N_PIXELS)))
 
 
 @torch.inference_mode()
 def log_likelihood_estimates(model, images, k, batch_size, generator=None, progress=iter, labels=None):
     """log p^(x) = log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), for every image: (N, 1, 28, 28) -> (N,).
-
-    Burda et al. (2016), eq. (8): a lower bound on log p(x) in expectation, rising to it as k grows (for a
-    conditional model, on log p(x|y)). progress wraps the iterator of batches (evaluate.py passes a progress bar).
-    """
+    Burda et al. (2016), eq. (8): a lower bound on log p(x) (log p(x|y) if conditional) in expectation, rising to
+    it with k. progress wraps the iterator of batches (evaluate.py's progress bar)."""
     chunk = samples_per_chunk(k, batch_size, images.device)
     estimates = [
         model.iwae_bound(x, k, chunk, generator, y) for x, y in progress(labelled_batches(images, labels, batch_size))
@@ -89,33 +73,25 @@ def log_likelihood_estimates(model, images, k, batch_size, generator=None, progr
 
 
 def iwae_nll(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=iter, labels=None):
-    """The test negative log-likelihood: -mean over the images of log p^(x) (above), nats per image.
-
-    The mean is taken in float64 on the CPU: MPS has no float64, and the N estimates are a small copy.
-    """
+    """The test NLL, -mean of log p^(x) (above); the mean in float64 on the CPU, as MPS has no float64."""
     estimates = log_likelihood_estimates(model, images, k, batch_size, generator, progress, labels)
     return -estimates.cpu().double().mean().item()
 
 
 def label_log_likelihoods(model, images, k, batch_size=BATCH_SIZE, generator=None, progress=iter):
-    """L_k(x|y) of a conditional model for every image and every label y = 0..9: (N, 10), float64 on the CPU.
-
-    From them: log p(x) = log (1/10) sum_y p(x|y) under the uniform label prior, and the model as a generative
-    classifier, argmax_y p(x|y) (Kingma, Rezende, Mohamed & Welling 2014, Section 3.1.2).
-    """
-    n = images.shape[0]
-    columns = []
-    for y in range(N_CLASSES):
-        labels = torch.full((n,), y, dtype=torch.long, device=images.device)
-        columns.append(log_likelihood_estimates(model, images, k, batch_size, generator, progress, labels))
+    """L_k(x|y) of a conditional model for every image and label y = 0..9: (N, 10), float64 on the CPU."""
+    columns = [
+        log_likelihood_estimates(model, images, k, batch_size, generator, progress, y.expand(len(images)))
+        for y in torch.arange(N_CLASSES, device=images.device)
+    ]
     return torch.stack(columns, dim=1).cpu().double()
 
 
 def conditional_scores(log_px_y, labels):
-    """From L_k(x|y) (N, 10) and the true labels (N,): the conditional NLL -log p(x|y), the marginal NLL
-    -log (1/10) sum_y p(x|y) from the same estimates (image by image at most log 10 above the conditional one,
-    the sum holding p(x|y) itself, and far below it where another label explains x better), and the accuracy
-    of argmax_y L_k(x|y)."""
+    """From L_k(x|y) (N, 10) and the true labels (N,): the NLL -log p(x|y); the marginal NLL -log (1/10) sum_y
+    p(x|y) under the uniform label prior (at most log 10 above the conditional one, far below it where another
+    label explains x better); and the accuracy of the generative classifier argmax_y L_k(x|y) (Kingma, Rezende,
+    Mohamed & Welling 2014, Section 3.1.2)."""
     labels = labels.cpu()
     conditional = log_px_y.gather(1, labels[:, None])[:, 0]  # (N,)
     marginal = torch.logsumexp(log_px_y, dim=1) - math.log(N_CLASSES)  # (N,)
@@ -127,16 +103,13 @@ def conditional_scores(log_px_y, labels):
 
 
 def active_units(means):
-    """Number of latent dims u with Cov_x(E_q[z_u|x]) > 10^-2 (Burda et al. 2016, Section 5.2); means: (N, d).
-
-    The variance is over the given images (the population variance: one image gives 0 active units).
-    """
+    """Number of latent dims u with Cov_x(E_q[z_u|x]) > 10^-2 over the means (N, d) (Burda et al. 2016, 5.2)."""
     return int((means.var(dim=0, correction=0) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
 def knn_accuracy(queries, query_labels, reference, reference_labels, n_neighbors=N_NEIGHBORS):
-    """Fraction of queries (Q, d) whose label is the majority label of their n_neighbors nearest (Euclidean)
-    reference points (R, d). A tie goes to the smallest label. The (Q, R) distances are computed in blocks."""
+    """Fraction of queries (Q, d) whose label is the majority label (ties: the smallest) of their n_neighbors
+    nearest reference points (R, d), the (Q, R) distances in blocks (as Loaiza-Ganem & Cunningham 2019 use it)."""
     rows = max(1, block_elements(reference.device) // reference.shape[0])
     correct = 0
     for start in range(0, queries.shape[0], rows):
@@ -153,17 +126,15 @@ def bits_per_dim(nll):
 
 
 def bits_per_dim_8bit(nll):
-    """A negative log-density of dequantized images x = (k + u)/256, turned into a bound on the negative
-    log-likelihood of the 8-bit images k, in bits per pixel: -log P(k) <= -E_u log p((k + u)/256) + 784 log 256
-    (Theis, van den Oord & Bethge 2016, Section 3.1; the bin width 1/256 gives the 784 log 256)."""
+    """The NLL of a density of dequantized x = (k + u)/256 as a bound on the 8-bit images' -log P(k), bits per
+    pixel: -log P(k) <= -E_u log p((k + u)/256) + 784 log 256 (Theis, van den Oord & Bethge 2016, Section 3.1)."""
     return bits_per_dim(nll + N_PIXELS * math.log(256))
 
 
 # --------------------------------------------------------------------------------------------- exact, for d = 2
-# With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz is an integral over the plane that a grid computes to any
-# accuracy: the number that the ELBO and L_k bound from below. A scan of the prior's box finds where the
-# integrand lives (a posterior may have modes that q(z|x) never sees), q sets the grid's first spacing, and the
-# grid is refined until the integral no longer depends on it.
+# With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz, which the ELBO and L_k bound, is a grid's sum to any accuracy.
+# A scan of the prior's box finds where the integrand lives (p(z|x) may have modes q(z|x) never sees), q sets the
+# first spacing, and the grid is refined until the integral no longer depends on it.
 
 SCAN_HALF_WIDTH = 8.0  # the scan covers [-8, 8]^2: outside it p(z) is below e^-32 of its peak
 SCAN_SPACING = 0.05  # a mode of standard deviation s shows at most (0.025 / s)^2 nats below its peak: 6 for s = 0.01
@@ -187,13 +158,8 @@ class PosteriorGrid:
     border_nats: float = math.nan  # how far below its peak the integrand is everywhere on the border
     resolution_nats: float = math.nan  # |log_px - log_px on every other point|, a bound on the rule's error
 
-    def points(self):
-        """The grid's z, (n1 * n2, 2), in the order of log_joint.flatten()."""
-        return grid_points(self.z1, self.z2)
-
     def log_weights(self):
-        """The trapezoid rule's log weights on the grid, (n1, n2): the cell's area inside, half or a quarter of it
-        on the border."""
+        """The trapezoid rule's log weights, (n1, n2): a cell's area inside, half or a quarter of it on the border."""
         w1, w2 = (torch.full_like(z, (z[-1] - z[0]).item() / (len(z) - 1)) for z in (self.z1, self.z2))
         w1[[0, -1]] /= 2
         w2[[0, -1]] /= 2
@@ -201,29 +167,30 @@ class PosteriorGrid:
 
     @property
     def log_px(self):
-        """log p(x) = log ∫ p(x, z) dz by the trapezoid rule (exponentially accurate where the integrand is smooth
-        and vanishes at the border; a ReLU decoder's kinks make its error fall as the spacing squared)."""
+        """log p(x) by the trapezoid rule: exponentially accurate where the integrand is smooth and vanishes at the
+        border; a ReLU decoder's kinks make its error fall as the spacing squared."""
         return torch.logsumexp((self.log_joint + self.log_weights()).flatten(), 0).item()
 
     @property
     def log_posterior(self):
-        """log p(z|x) = log p(x, z) - log p(x) on the grid, (n1, n2): a density, it integrates to 1."""
+        """log p(z|x) = log p(x, z) - log p(x) on the grid, (n1, n2)."""
         return self.log_joint - self.log_px
 
     def kl_from(self, mu, logvar):
-        """KL(q || p(z|x)) = E_q[log q(z|x) - log p(z|x)] on the grid, for q = N(mu, diag(exp(logvar))), mu and
-        logvar (2,): the gap between the ELBO and log p(x) (Kingma & Welling 2014, eq. (1))."""
-        log_q = diag_normal_log_prob(self.points(), mu.double(), logvar.double()).reshape(self.log_joint.shape)
+        """KL(q || p(z|x)) on the grid for q = N(mu, diag(exp(logvar))), mu and logvar (2,): the gap between the
+        ELBO and log p(x) (Kingma & Welling 2014, eq. (1))."""
+        log_q = diag_normal_log_prob(grid_points(self.z1, self.z2), mu.double(), logvar.double()).reshape(
+            self.log_joint.shape
+        )
         q = torch.exp(log_q + self.log_weights())  # q's mass at each point
         return (q * (log_q - self.log_posterior)).sum().item()
 
 
 @torch.inference_mode()
 def scan_prior(model, images, labels=None):
-    """For each image, the box (lo, hi), each (N, 2), that holds the points of a grid over [-SCAN_HALF_WIDTH,
-    SCAN_HALF_WIDTH]^2 (spaced SCAN_SPACING) where log p(x, z) is within SCAN_NATS of its largest value
-    there, with a spacing to spare. One decoder pass serves every image: the Bernoulli's and the continuous
-    Bernoulli's log p(x|z) are x . l + log p(0|z) for the logits l of z, linear in x."""
+    """Per image, the box (lo, hi), each (N, 2), holding the points of the scan (a grid over [-SCAN_HALF_WIDTH,
+    SCAN_HALF_WIDTH]^2, SCAN_SPACING apart) where log p(x, z) is within SCAN_NATS of its peak, and a spacing more.
+    One decoder pass serves every image: a (continuous) Bernoulli's log p(x|z) = x . l + log p(0|z), linear in x."""
     if model.config.latent_dim != 2:
         raise ValueError(f"the quadrature is over a 2-D latent; this model's is {model.config.latent_dim}-D")
     axis = torch.arange(-SCAN_HALF_WIDTH, SCAN_HALF_WIDTH + SCAN_SPACING / 2, SCAN_SPACING, dtype=torch.float64)
@@ -251,11 +218,9 @@ def scan_prior(model, images, labels=None):
 
 @torch.inference_mode()
 def posterior_grid(model, x, y=None, box=None):
-    """log p(x, z) on a grid for one image x (1, 28, 28) of a 2-D model (y: its label, a 0-dim tensor, for a
-    conditional model: the integral is then log p(x|y)). The grid covers the scan's box (scan_prior, unless box
-    gives it) and q's mean +- GRID_HALF_WIDTH of its standard deviations, GRID_SPACING of them apart; an axis
-    whose border is not NEGLIGIBLE_NATS below the peak doubles its span (at most GRID_DOUBLINGS times); then the
-    grid is refined (refined)."""
+    """The refined grid for one image x (1, 28, 28) of a 2-D model (y, a 0-dim label, makes it log p(x|y)): over
+    the scan's box (or `box`) and q's mean +- GRID_HALF_WIDTH of its standard deviations, GRID_SPACING of them
+    apart; an axis whose border is not NEGLIGIBLE_NATS below the peak doubles its span, GRID_DOUBLINGS times at most."""
     y = None if y is None else y.reshape(1)
     lo, hi = (b[0] for b in scan_prior(model, x[None], y)) if box is None else box
     mu, logvar = (t[0].double() for t in model.encode(x[None], y))  # (2,) each
@@ -276,7 +241,7 @@ def posterior_grid(model, x, y=None, box=None):
 
 def refined(model, x, grid, y=None):
     """The grid, its spacing halved (only the new points decoded) until its log_px agrees with that on every
-    other point within RESOLUTION_NATS or it would exceed MAX_POINTS; resolution_nats says how close they came."""
+    other point within RESOLUTION_NATS or it would exceed MAX_POINTS."""
     while True:
         z1, z2, log_joint = grid.z1, grid.z2, grid.log_joint
         grid.resolution_nats = abs(grid.log_px - PosteriorGrid(z1[::2], z2[::2], log_joint[::2, ::2]).log_px)
@@ -284,7 +249,7 @@ def refined(model, x, grid, y=None):
             return grid
         z1, z2 = (torch.linspace(z[0], z[-1], 2 * len(z) - 1, dtype=torch.float64, device=z.device) for z in (z1, z2))
         new = torch.ones(len(z1), len(z2), dtype=torch.bool, device=z1.device)
-        new[::2, ::2] = False  # the old points: only the new ones, in between, are decoded
+        new[::2, ::2] = False  # the old points
         log_joint = log_joint.new_empty(new.shape).masked_scatter_(~new, log_joint)
         log_joint[new] = log_joint_at(model, x, grid_points(z1, z2)[new.flatten()], y)
         grid = PosteriorGrid(z1, z2, log_joint, grid.border_nats)
@@ -292,11 +257,11 @@ def refined(model, x, grid, y=None):
 
 @torch.inference_mode()
 def check_grid(model, x, grid, y=None, half_width=10.0, points=201):
-    """A second grid for the same integral, placed by neither the scan nor q: centred on the mean of p(z|x) on
+    """A second grid for the same integral, placed by neither the scan nor q: around the mean of p(z|x) on
     `grid`, half_width of its standard deviations either way, points per axis at first (then refined)."""
     y = None if y is None else y.reshape(1)
     p = torch.exp(grid.log_posterior + grid.log_weights())[..., None]  # the posterior's mass at each point
-    z = grid.points().reshape(*p.shape[:2], 2)
+    z = grid_points(grid.z1, grid.z2).reshape(*p.shape[:2], 2)
     mean = (p * z).sum((0, 1))
     sd = (p * (z - mean) ** 2).sum((0, 1)).sqrt()
     z1, z2 = axes(mean - half_width * sd, mean + half_width * sd, (points, points))
@@ -313,7 +278,7 @@ def posterior_grids(model, images, labels=None, progress=iter):
 
 
 def axes(lo, hi, n):
-    """The grid's two axes: n[a] points evenly spaced from lo[a] to hi[a] (float64, on lo's device)."""
+    """n[a] points evenly spaced from lo[a] to hi[a] (float64, on lo's device), for each axis a."""
     return (torch.linspace(a, b, k, dtype=torch.float64, device=lo.device) for a, b, k in zip(lo, hi, n, strict=True))
 
 
@@ -323,25 +288,23 @@ def grid_points(z1, z2):
 
 
 def log_likelihood_at(model, x, z, y=None):
-    """log p(x|z) (or p(x|z, y), y of shape (1,)) for one image x (1, 28, 28) at the points z (M, d), in float64,
-    decoded in blocks of block_elements: (M,)."""
+    """log p(x|z) (or p(x|z, y), y (1,)) for one image x (1, 28, 28) at the points z (M, d), float64: (M,)."""
     rows = max(1, block_elements(x.device) // N_PIXELS)
     dtype = next(model.parameters()).dtype
     return torch.cat([model.log_px_z(x[None], part[:, None].to(dtype), y)[:, 0].double() for part in z.split(rows)])
 
 
 def log_joint_at(model, x, z, y=None):
-    """log p(x, z) = log p(x|z) + log p(z) for one image x (1, 28, 28) at the points z (M, 2), float64: (M,)."""
     return log_likelihood_at(model, x, z, y) + std_normal_log_prob(z)
 
 
 @torch.inference_mode()
 def exact_elbo(model, images, nodes=GAUSS_HERMITE_NODES, labels=None):
-    """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) for every image (N, 1, 28, 28) of a 2-D model, with no
-    sampling: the expectation by nodes x nodes Gauss-Hermite quadrature under q, the KL in closed form. (N,)"""
+    """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) for every image (N, 1, 28, 28) of a 2-D model: (N,), the
+    expectation by nodes x nodes Gauss-Hermite quadrature under q, the KL in closed form."""
     t, w = np.polynomial.hermite.hermgauss(nodes)  # ∫ e^(-t^2) f(t) dt ~ sum_i w_i f(t_i)
     t = torch.tensor(t, device=images.device)
-    eps = math.sqrt(2) * torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)  # (nodes^2, 2)
+    eps = math.sqrt(2) * grid_points(t, t)  # (nodes^2, 2)
     weights = torch.tensor(np.outer(w, w).reshape(-1) / math.pi, device=images.device)  # (nodes^2,), sum 1
     mu, logvar = (t.double() for t in model.encode(images, labels))  # (N, 2) each
     ys = [None] * len(images) if labels is None else labels[:, None]  # (N, 1)
