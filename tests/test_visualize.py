@@ -40,6 +40,7 @@ def test_the_latent_plane_is_the_latent_space_in_2_d_and_the_leading_principal_a
     assert torch.allclose(directions @ directions.T, torch.eye(2), atol=1e-5)
     assert torch.allclose(directions.abs(), torch.eye(d)[[3, 1]], atol=0.02)
     assert (directions[[0, 1], [3, 1]] > 0).all()  # signs fixed: largest component positive
+    assert torch.allclose(manifold.latent_plane(-mu)[1], directions, atol=1e-5)  # where SVD's signs would flip
     assert torch.allclose(scales, torch.tensor([3.0, 1.0]), rtol=0.05)
 
 
