@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import CheckpointError, load_checkpoint
-from cli import add_model_args, script
+from checkpoints import CheckpointError
+from cli import add_model_args, load_model, script
 from data import load_test_set
 from files import write_atomic
 from model import N_CLASSES
@@ -45,9 +45,13 @@ def build_parser():
 @script
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    state, model = load_checkpoint(args.checkpoint)
-    check_model(model, args.checkpoint)
-    data_dir = args.data_dir or state["train_config"]["data_dir"]
+    state, model, data_dir = load_model(args, "cpu")
+    c = model.config
+    if c.arch != "mlp" or c.latent_dim != 2:
+        what = "convolutional networks" if c.arch != "mlp" else f"a {c.latent_dim}-D latent"
+        raise CheckpointError(
+            f"{args.checkpoint}: the explorer draws models with a 2-D latent and MLP networks; this one has {what}"
+        )
     images, labels = load_test_set(data_dir, state["train_config"]["pixels"], "cpu")  # as the model was scored
     html = page(payload(model, state, images, labels))
     out = Path(args.out)
@@ -55,16 +59,6 @@ def main(argv=None):
     if out.resolve().parent != SCRIPT.parent:
         write_atomic(out.with_name(SCRIPT.name), lambda f: f.write(SCRIPT.read_bytes()))
     print(f"wrote {out} ({len(html) / 2**20:.2f} MiB) for {args.checkpoint} (epoch {state['epoch']})")
-
-
-def check_model(model, path):
-    """The page runs 2-D MLP models only: raise CheckpointError, saying what this one is, for any other."""
-    c = model.config
-    if c.arch != "mlp" or c.latent_dim != 2:
-        what = "convolutional networks" if c.arch != "mlp" else f"a {c.latent_dim}-D latent"
-        raise CheckpointError(
-            f"{path}: the explorer draws models with a 2-D latent and MLP networks; this one has {what}"
-        )
 
 
 def encoded(array, dtype):
@@ -81,11 +75,8 @@ def linear(layer, exact=False):
         return {**out, "w": encoded(w, "<f4")}
     scale = (np.abs(w).max(1, keepdims=True) / INT16_MAX).astype("<f4")
     scale[scale == 0] = 1  # a row of zeros
-    return {
-        **out,
-        "w": encoded(np.rint(w / scale.astype(np.float64)).clip(-INT16_MAX, INT16_MAX), "<i2"),
-        "scale": encoded(scale, "<f4"),
-    }
+    w16 = np.rint(w / scale.astype(np.float64)).clip(-INT16_MAX, INT16_MAX)
+    return {**out, "w": encoded(w16, "<i2"), "scale": encoded(scale, "<f4")}
 
 
 def linears(stack):
@@ -100,27 +91,18 @@ def plane_limits(mu):
     return [round(v.item(), 4) for v in (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)]
 
 
-def first_of_each_digit(labels):
-    return [int((labels == d).nonzero()[0]) for d in range(N_CLASSES)]
-
-
 @torch.inference_mode()
 def payload(model, state, images, labels):
     """Everything the page needs, as JSON: the model's config and weights, the plane with the posterior means of
     the test images, one test image of each digit (as the model was scored on them), and the quadrature nodes."""
     c = model.config
     mu = posterior_means(model, images, labels=labels).double()  # (N, 2); a conditional model's q(z|x, y)
-    shown = first_of_each_digit(labels)
+    shown = [int((labels == d).nonzero()[0]) for d in range(N_CLASSES)]  # the first test image of each digit
     t, w = np.polynomial.hermite.hermgauss(HERMITE_NODES)  # as scoring.exact_elbo: ∫ e^(-t^2) f(t) dt
+    config = {"hidden_dims": list(c.hidden_dims), "activation": c.activation, "likelihood": c.likelihood}
+    config |= {"conditional": c.conditional, "pixels": state["train_config"]["pixels"], "epoch": state["epoch"]}
     return {
-        "config": {
-            "hidden_dims": list(c.hidden_dims),
-            "activation": c.activation,
-            "likelihood": c.likelihood,
-            "conditional": c.conditional,
-            "pixels": state["train_config"]["pixels"],
-            "epoch": state["epoch"],
-        },
+        "config": config,
         "encoder": linears(model.encoder),
         "to_mu": linear(model.to_mu, exact=True),  # the ELBO is most sensitive to these: 2 x hidden[-1] weights
         "to_logvar": linear(model.to_logvar, exact=True),

@@ -13,54 +13,34 @@ from scoring import posterior_means
 MANIFOLD_SIDE = 20  # Kingma & Welling (2014), Fig. 4: a 20 x 20 grid
 
 
-def grid_quantiles(side):
-    """side evenly spaced probabilities strictly inside (0, 1): (i + 0.5) / side, i = 0..side-1.
-
-    Kingma & Welling (2014), Fig. 4: evenly spaced points of the unit square, mapped through the inverse
-    Gaussian CDF; the half-step offset keeps 0 and 1 (z = -inf and +inf) out of the grid.
-    """
-    return (torch.arange(side, dtype=torch.float32) + 0.5) / side
-
-
 def manifold_grid(side):
-    """(side, side, 2) points in standard-normal coordinates, laid out as the image will be.
-
-    Column c holds the c-th quantile in the first coordinate; row r the (side-1-r)-th in the second, so the
-    second coordinate grows upwards, as in the latent scatter plot.
-    """
-    a = torch.distributions.Normal(0.0, 1.0).icdf(grid_quantiles(side))  # (side,)
+    """(side, side, 2) points in standard-normal coordinates, laid out as the image will be: the Gaussian
+    quantiles of the probabilities (i + 0.5) / side (Kingma & Welling 2014, Fig. 4; the half step keeps
+    z = +-inf out). Column c holds the c-th in the first coordinate; row r the (side-1-r)-th in the second, so
+    that the second grows upwards, as in the latent scatter plot."""
+    a = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(side, dtype=torch.float32) + 0.5) / side)
     first, second = torch.meshgrid(a, a.flip(0), indexing="xy")  # each (side, side): [row, column]
     return torch.stack([first, second], dim=-1)  # (side, side, 2)
 
 
-def principal_plane(mu):
-    """The plane of the two leading principal directions of the posterior means mu (N, d), d >= 2.
-
-    Returns center (d,), directions (2, d) with orthonormal rows, and scales (2,): the standard deviation of
-    mu along each direction. PCA by SVD of the centred means; each direction's sign is fixed (largest
-    component positive) so that the figures do not flip between runs or devices.
-    """
-    center = mu.mean(0)  # (d,)
-    _, s, vh = torch.linalg.svd(mu - center, full_matrices=False)  # vh: (min(N, d), d)
-    directions = vh[:2]  # (2, d)
-    largest = directions.gather(1, directions.abs().argmax(1, keepdim=True))  # (2, 1)
-    directions = directions * largest.sign()
-    scales = s[:2] / (mu.shape[0] - 1) ** 0.5  # (2,)
-    return center, directions, scales
-
-
 def latent_plane(mu):
-    """Where the 2-D figures live: (center, directions, scales), z = center + (coords * scales) @ directions.
+    """Where the 2-D figures live: (center (d,), directions (2, d) orthonormal, scales (2,)), and
+    z = center + (coords * scales) @ directions.
 
-    With latent_dim = 2 this is the latent space itself, in prior units (center 0, scales 1), as in the
-    paper. Above 2 it is the principal plane of the test posterior means, and the grid's Gaussian quantiles
-    are scaled by the means' spread along each direction: the aggregate posterior need not have unit
-    variance there, and this keeps the grid on the region the data actually occupies.
+    With latent_dim = 2 this is the latent space itself, in prior units, as in the paper. Above 2 it is the
+    plane of the two leading principal directions of the posterior means mu (N, d) and their standard
+    deviations along each, so that the grid's quantiles cover the region the data occupies (the aggregate
+    posterior need not have unit variance). Each direction's sign is fixed (largest component positive) so
+    that the figures do not flip between runs or devices.
     """
     d = mu.shape[1]
     if d == 2:
         return torch.zeros(2, device=mu.device), torch.eye(2, device=mu.device), torch.ones(2, device=mu.device)
-    return principal_plane(mu)
+    center = mu.mean(0)  # (d,)
+    _, s, vh = torch.linalg.svd(mu - center, full_matrices=False)  # PCA; vh: (min(N, d), d)
+    directions = vh[:2]  # (2, d)
+    largest = directions.gather(1, directions.abs().argmax(1, keepdim=True))  # (2, 1)
+    return center, directions * largest.sign(), s[:2] / (mu.shape[0] - 1) ** 0.5
 
 
 @torch.inference_mode()

@@ -35,24 +35,30 @@ FILM_GREY_LEVELS = 32  # of 256: a GIF of 30 such frames is about 2 MB, not 5
 COMPARE_FILE = "compare_bernoulli_cb.png"
 WAYS_FILE = "ways_of_fitting.png"
 COMPARE_ROWS = ["Bernoulli: mean", "CB: λ", "CB: mean"]  # what --compare shows of each model, top to bottom
+DIGITS = [str(d) for d in range(N_CLASSES)]
 
 
-# --------------------------------------------------------------------------------------------- latent geometry
-
-
-def show_image(ax, array, title):
-    ax.imshow(array, cmap="gray", vmin=0.0, vmax=1.0)
+def show_rows(ax, rows, title, labels=None, columns=None):
+    """Rows of images (each (n, 1, 28, 28)) as one image, each row named on the left by labels, each column at
+    the bottom by columns (if given)."""
+    ax.imshow(tile(torch.cat([r.cpu() for r in rows]), len(rows), rows[0].shape[0]), cmap="gray", vmin=0.0, vmax=1.0)
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
+    if labels:
+        ax.set_yticks([28 * i + 14 for i in range(len(rows))], labels)
+        ax.tick_params(left=False)
+    if columns:
+        ax.set_xticks([28 * c + 14 for c in range(len(columns))], columns)
+        ax.tick_params(bottom=False)
 
 
-def show_rows(ax, rows, labels, title):
-    """Rows of images (each (n, 1, 28, 28)) stacked into one image, each row named on the left."""
-    n = rows[0].shape[0]
-    show_image(ax, tile(torch.cat([r.cpu() for r in rows]), len(rows), n), title)
-    ax.set_yticks([28 * i + 14 for i in range(len(rows))], labels)
-    ax.tick_params(left=False)
+def rows_figure(figsize, rows, title, labels=None, columns=None):
+    """A figure of one image: show_rows."""
+    fig = Figure(figsize=figsize)
+    show_rows(fig.subplots(), rows, title, labels, columns)
+    fig.tight_layout()
+    return fig
 
 
 def save(fig, path):
@@ -63,11 +69,10 @@ def save(fig, path):
 @torch.inference_mode()
 def reconstruct(model, x, y=None):
     """decode(mu): the reconstruction at the posterior mean; returns the logits (B, 1, 28, 28)."""
-    mu, _ = model.encode(x, y)
-    return model.decode(mu, y)
+    return model.decode(model.encode(x, y)[0], y)
 
 
-# --------------------------------------------------------------------------------------------- the five figures
+# --------------------------------------------------------------------------------------------- the figures
 # Each is a matplotlib Figure, made without pyplot (no global state, no backend to choose): main saves it,
 # a notebook shows it.
 
@@ -86,56 +91,40 @@ def latent_scatter_figure(mu, labels, plane, conditional=False):
         ax.set(title=f"Test set: posterior means of {posterior}", xlabel="$z_1$", ylabel="$z_2$")
         ax.set_aspect("equal")
     else:
-        ax.set(
-            title=f"Test set: posterior means, PCA of {d}-D latent to 2-D",
-            xlabel="principal component 1",
-            ylabel="principal component 2",
-        )
+        pc = "principal component"
+        ax.set(title=f"Test set: posterior means, PCA of {d}-D latent to 2-D", xlabel=f"{pc} 1", ylabel=f"{pc} 2")
     fig.tight_layout()
     return fig
 
 
 def manifold_figure(model, plane):
-    images = manifold_images(model, plane)  # (400, 1, 28, 28)
     d = model.config.latent_dim
-    where = (
-        "$z$ on a grid of Gaussian quantiles"
-        if d == 2
-        else (
+    where = "$z$ on a grid of Gaussian quantiles"
+    if d > 2:
+        where = (
             f"$z$ in the plane of the two leading principal directions of the {d}-D posterior means,\n"
             "at Gaussian quantiles times the means' std along each"
         )
-    )
-    fig = Figure(figsize=(7, 7.3))
-    ax = fig.subplots()
-    show_image(ax, tile(images, MANIFOLD_SIDE, MANIFOLD_SIDE), f"Learned manifold: E[x|z] for\n{where}")
-    fig.tight_layout()
-    return fig
+    rows = manifold_images(model, plane).split(MANIFOLD_SIDE)  # 20 rows of (20, 1, 28, 28)
+    return rows_figure((7, 7.3), rows, f"Learned manifold: E[x|z] for\n{where}")
 
 
 def reconstructions_figure(model, images, labels=None):
     x = images[:N_RECONSTRUCTIONS]  # (n, 1, 28, 28)
     recon = model.mean(reconstruct(model, x, None if labels is None else labels[:N_RECONSTRUCTIONS]))
-    fig = Figure(figsize=(8, 2.2))
-    ax = fig.subplots()
-    show_rows(ax, [x, recon], ["test", "recon"], "Test images and their reconstructions E[x | z = mu(x)]")
-    fig.tight_layout()
-    return fig
+    title = "Test images and their reconstructions E[x | z = mu(x)]"
+    return rows_figure((8, 2.2), [x, recon], title, ["test", "recon"])
 
 
 def samples_figure(model):
     """E[x|z] at z ~ p(z); for a conditional model, row r shows the digit r."""
     device = next(model.parameters()).device
     z = prior_z(SAMPLES_SIDE**2, model.config.latent_dim, device)
-    y = torch.arange(SAMPLES_SIDE**2, device=device) // SAMPLES_SIDE if model.config.conditional else None
-    fig = Figure(figsize=(6, 6.3))
-    ax = fig.subplots()
-    title = (
-        "Samples: E[x|z, y], z ~ N(0, I), row r the digit y = r" if y is not None else "Samples: E[x|z], z ~ N(0, I)"
-    )
-    show_image(ax, tile(decode_means(model, z, y), SAMPLES_SIDE, SAMPLES_SIDE), title)
-    fig.tight_layout()
-    return fig
+    y, title = None, "Samples: E[x|z], z ~ N(0, I)"
+    if model.config.conditional:
+        y = torch.arange(SAMPLES_SIDE**2, device=device) // SAMPLES_SIDE
+        title = "Samples: E[x|z, y], z ~ N(0, I), row r the digit y = r"
+    return rows_figure((6, 6.3), decode_means(model, z, y).split(SAMPLES_SIDE), title)
 
 
 def pairs_of_different_digits(labels, n=N_PAIRS):
@@ -155,6 +144,7 @@ def interpolation_figure(model, images, labels):
     line between their posterior means, decoded. A conditional model gets two rows a pair: code and label morphed
     together (the label as weights (1 - t) y_a + t y_b on the two one-hot vectors), and the label alone, with the
     code held at x_a's."""
+    conditional = model.config.conditional
     t = torch.linspace(0, 1, STEPS, device=images.device)[:, None]  # (STEPS, 1)
     rows, names = [], []
     for i, j in pairs_of_different_digits(labels):
@@ -162,7 +152,7 @@ def interpolation_figure(model, images, labels):
         mu, _ = model.encode(x, y)  # (2, d)
         z = (1 - t) * mu[0] + t * mu[1]  # (STEPS, d)
         a, b = y.tolist()
-        if model.config.conditional:
+        if conditional:
             one_hot = torch.nn.functional.one_hot(y, N_CLASSES).to(t.dtype)  # (2, 10)
             weights = (1 - t) * one_hot[0] + t * one_hot[1]  # (STEPS, 10)
             steps = [decode_means(model, z, weights), decode_means(model, mu[:1].expand(STEPS, -1), weights)]
@@ -171,16 +161,9 @@ def interpolation_figure(model, images, labels):
             steps = [decode_means(model, z)]
             names.append(f"{a} → {b}")
         rows += [torch.cat([x[:1], between, x[1:]]) for between in steps]  # the two test images at the ends
-    fig = Figure(figsize=(8, 0.75 * len(rows) + 0.8))
-    ax = fig.subplots()
-    kind = (
-        "E[x|z, y] along the straight line between two codes and labels"
-        if model.config.conditional
-        else ("E[x|z] along the straight line between two posterior means")
-    )
-    show_rows(ax, rows, names, f"Interpolation: {kind}")
-    fig.tight_layout()
-    return fig
+    kind = "between two codes and labels" if conditional else "between two posterior means"
+    title = f"Interpolation: E[x|z{', y' if conditional else ''}] along the straight line {kind}"
+    return rows_figure((8, 0.75 * len(rows) + 0.8), rows, title, names)
 
 
 @torch.inference_mode()
@@ -191,27 +174,14 @@ def analogies_figure(model, images, labels):
     mu, _ = model.encode(x, y)  # (n, d)
     digits = torch.arange(N_CLASSES, device=x.device)
     rows = [torch.cat([x[i : i + 1], decode_means(model, mu[i].expand(N_CLASSES, -1), digits)]) for i in range(len(x))]
-    fig = Figure(figsize=(7, 0.62 * len(rows) + 0.8))
-    ax = fig.subplots()
-    show_rows(ax, rows, [f"test: {d}" for d in y.tolist()], "Analogies: mu(x, y) decoded with y = 0 … 9")
-    ax.set_xticks([28 * c + 14 for c in range(N_CLASSES + 1)], ["x", *map(str, range(N_CLASSES))])
-    ax.tick_params(bottom=False)
-    fig.tight_layout()
-    return fig
+    title, names = "Analogies: mu(x, y) decoded with y = 0 … 9", [f"test: {d}" for d in y.tolist()]
+    return rows_figure((7, 0.62 * len(rows) + 0.8), rows, title, names, ["x", *DIGITS])
 
 
 def class_grid_figure(model):
     """Rows the ten digits, columns ten shared z ~ p(z): E[x|z, y] of a conditional model."""
-    fig = Figure(figsize=(6, 6.3))
-    ax = fig.subplots()
-    show_rows(
-        ax,
-        list(class_grid_images(model).split(N_CLASSES)),
-        [str(d) for d in range(N_CLASSES)],
-        "Class grid: E[x|z, y], row y, column one z ~ N(0, I)",
-    )
-    fig.tight_layout()
-    return fig
+    title = "Class grid: E[x|z, y], row y, column one z ~ N(0, I)"
+    return rows_figure((6, 6.3), class_grid_images(model).split(N_CLASSES), title, DIGITS)
 
 
 def write_film(frames_dir, path):
@@ -224,10 +194,8 @@ def write_film(frames_dir, path):
             canvas.paste(frame.convert("L").point(levels), (0, 24))
         ImageDraw.Draw(canvas).text((6, 5), f"epoch {int(frame_path.stem)}", fill=255)
         film.append(canvas)
-    durations = [FRAME_MS] * (len(film) - 1) + [LAST_FRAME_MS]
-    write_atomic(
-        path, lambda f: film[0].save(f, format="GIF", save_all=True, append_images=film[1:], duration=durations, loop=0)
-    )
+    ms = [FRAME_MS] * (len(film) - 1) + [LAST_FRAME_MS]  # each frame's duration
+    write_atomic(path, lambda f: film[0].save(f, "GIF", save_all=True, append_images=film[1:], duration=ms, loop=0))
     print(f"wrote {path} ({len(film)} frames)")
 
 
@@ -236,7 +204,8 @@ def training_curves_figure(records):
     # The training loss is averaged over the epoch while the model improves, and is the bound the run
     # trains (train_bound); the test loss is -ELBO.
     bound = records[-1]["train_bound"]
-    style = "o-" if len(records) <= LONG_RUN else "-"  # a long run (the IWAE protocol's 3280 epochs): lines only
+    long_run = len(records) > LONG_RUN  # the IWAE protocol's 3280 epochs: lines only, on a log axis
+    style = "-" if long_run else "o-"
     fig = Figure(figsize=(10, 4))
     loss_ax, kl_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in records], style, markersize=3, label=f"train, {bound}")
@@ -247,7 +216,7 @@ def training_curves_figure(records):
     kl_ax.set(title="Test KL(q(z|x) || p(z))", xlabel="epoch", ylabel="nats / image")
     for ax in (loss_ax, kl_ax):
         ax.grid(alpha=0.3)
-        if len(records) > LONG_RUN:  # the schedule's stages are 3^i epochs long: even on a log axis
+        if long_run:  # the schedule's stages are 3^i epochs long: even on a log axis
             ax.set_xscale("log")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
@@ -255,13 +224,7 @@ def training_curves_figure(records):
     return fig
 
 
-# --------------------------------------------------------------------------------------------- --compare
-
-
-def model_inputs(state, data_dir, n, device):
-    """The first n test images as this model was scored on them (a Bernoulli model's usually binarized), and
-    their labels."""
-    return load_test_set(data_dir, state["train_config"]["pixels"], device, limit=n)
+# ----------------------------------------------------------------------------------------- --compare, --ways-of-fitting
 
 
 @torch.inference_mode()
@@ -272,28 +235,23 @@ def compare_figure(bernoulli, cb, data_dirs, device):
     eq. (4)), so images shown as lambda look sharper than what the model actually predicts.
     """
     n = N_RECONSTRUCTIONS
-    (bernoulli_state, bernoulli_model), (cb_state, cb_model) = bernoulli, cb
+    (_, bernoulli_model), (_, cb_model) = bernoulli, cb
     originals, labels = load_mnist(data_dirs[0], train=False, limit=n)  # (n, 1, 28, 28), grayscale
-    labels = labels.to(device)  # for conditional models: the first n test digits
-    bernoulli_recon = reconstruct(bernoulli_model, *model_inputs(bernoulli_state, data_dirs[0], n, device))
-    cb_recon = reconstruct(cb_model, *model_inputs(cb_state, data_dirs[1], n, device))  # logits
-    bernoulli_prior = bernoulli_model.decode(prior_z(n, bernoulli_model.config.latent_dim, device), labels)
-    cb_prior = cb_model.decode(prior_z(n, cb_model.config.latent_dim, device), labels)  # one z for both CB rows
+    # Each model reconstructs the test images as it was scored on them (a Bernoulli model's usually binarized),
+    # and samples (a conditional one the first n test digits).
+    recon = [
+        reconstruct(model, *load_test_set(data_dir, state["train_config"]["pixels"], device, limit=n))
+        for (state, model), data_dir in zip((bernoulli, cb), data_dirs, strict=True)
+    ]
+    prior = [m.decode(prior_z(n, m.config.latent_dim, device), labels.to(device)) for m in (bernoulli_model, cb_model)]
+
+    def shown(bernoulli_logits, cb_logits):  # COMPARE_ROWS; the same logits for both CB rows
+        return [bernoulli_model.mean(bernoulli_logits), torch.sigmoid(cb_logits), cb_model.mean(cb_logits)]
 
     fig = Figure(figsize=(8, 6.5))
     recon_ax, sample_ax = fig.subplots(2, 1, height_ratios=[4, 3])
-    show_rows(
-        recon_ax,
-        [originals, bernoulli_model.mean(bernoulli_recon), torch.sigmoid(cb_recon), cb_model.mean(cb_recon)],
-        ["test (grayscale)", *COMPARE_ROWS],
-        "Reconstructions, z = mu(x)",
-    )
-    show_rows(
-        sample_ax,
-        [bernoulli_model.mean(bernoulli_prior), torch.sigmoid(cb_prior), cb_model.mean(cb_prior)],
-        COMPARE_ROWS,
-        "Samples, z ~ N(0, I)",
-    )
+    show_rows(recon_ax, [originals, *shown(*recon)], "Reconstructions, z = mu(x)", ["test (grayscale)", *COMPARE_ROWS])
+    show_rows(sample_ax, shown(*prior), "Samples, z ~ N(0, I)", COMPARE_ROWS)
     fig.suptitle("Bernoulli vs continuous Bernoulli (CB) decoder: λ = sigmoid(logits) is not the CB mean")
     fig.tight_layout()
     return fig
@@ -311,14 +269,9 @@ def load_for_compare(paths, data_dir, device):
     return loaded, [data_dir or state["train_config"]["data_dir"] for state, _ in loaded]
 
 
-# --------------------------------------------------------------------------------------------- --ways-of-fitting
-
-
 def ways_of_fitting_figure(runs):
-    """Test -ELBO (solid) and, for IWAE runs, the test -L_k they train (dashed), against epoch and wall time.
-
-    runs: [(label, log records)], each record as train.py logs it.
-    """
+    """Test -ELBO (solid) and, for IWAE runs, the test -L_k they train (dashed), against epoch and wall time, of
+    runs: [(label, log records)], each record as train.py logs it."""
     fig = Figure(figsize=(11, 4.2))
     epoch_ax, time_ax = fig.subplots(1, 2, sharey=True)
     for (label, records), color in zip(runs, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
@@ -343,13 +296,12 @@ def load_runs(run_dirs):
     """[(label, log records)] of train.py's runs in these folders; the label says how each was fitted."""
     runs = []
     for ckpt_path in (Path(d) / CKPT_FILE for d in run_dirs):
-        state, _ = load_checkpoint(ckpt_path)
+        c = load_checkpoint(ckpt_path)[0]["train_config"]
         records = read_log(ckpt_path.with_name(LOG_FILE))
         if not records:
             raise CheckpointError(
                 f"{ckpt_path.with_name(LOG_FILE)} is needed for --ways-of-fitting; train the run anew"
             )
-        c = state["train_config"]
         runs.append((f"{c['objective'].upper()}, {c['estimator']}, k = {c['k']}", records))
     return runs
 
@@ -363,25 +315,16 @@ def build_parser():
     )
     add_model_args(p, "the model to show")
     p.add_argument("--plots-dir", default="plots", help="where the PNGs go (default: plots)")
-    p.add_argument(
-        "--compare",
-        nargs=2,
-        metavar=("BERNOULLI_CKPT", "CB_CKPT"),
-        help=f"instead of the five figures, write {COMPARE_FILE} for these two models",
-    )
-    p.add_argument(
-        "--ways-of-fitting",
-        nargs="+",
-        metavar="RUN_DIR",
-        help=f"instead, write {WAYS_FILE}: the test loss of these train.py runs by epoch and by wall time",
-    )
+    compare = f"instead of the five figures, write {COMPARE_FILE} for these two models"
+    p.add_argument("--compare", nargs=2, metavar=("BERNOULLI_CKPT", "CB_CKPT"), help=compare)
+    ways = f"instead, write {WAYS_FILE}: the test loss of these train.py runs by epoch and by wall time"
+    p.add_argument("--ways-of-fitting", nargs="+", metavar="RUN_DIR", help=ways)
     add_device_arg(p)
     return p
 
 
 def plot_all(state, model, data_dir, run_dir, device, plots_dir):
-    """The figures of one model; the training curves and the film only if its run folder has the log and the
-    frames."""
+    """The figures of one model; the training curves and the film if its run folder has the log and the frames."""
     # The test set exactly as training scored it (same pixels), but all of it: --limit is for training.
     images, labels = load_test_set(data_dir, state["train_config"]["pixels"], device, limit=None)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -414,15 +357,14 @@ def main(argv=None):
     plots_dir = Path(args.plots_dir)
     if args.compare:
         (bernoulli, cb), data_dirs = load_for_compare(args.compare, args.data_dir, device)
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        save(compare_figure(bernoulli, cb, data_dirs, device), plots_dir / COMPARE_FILE)
+        name, fig = COMPARE_FILE, compare_figure(bernoulli, cb, data_dirs, device)
     elif args.ways_of_fitting:
-        runs = load_runs(args.ways_of_fitting)
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        save(ways_of_fitting_figure(runs), plots_dir / WAYS_FILE)
+        name, fig = WAYS_FILE, ways_of_fitting_figure(load_runs(args.ways_of_fitting))
     else:
         state, model, data_dir = load_model(args, device)
-        plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
+        return plot_all(state, model, data_dir, Path(args.checkpoint).parent, device, plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    save(fig, plots_dir / name)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""The explorer (explorer.py, docs/explorer.js) in a real browser, headless Chromium driven by selenium: the page's
-numbers are model.py's and scoring.py's within what its weights' precision allows, its pointer, pen and buttons
-work, the committed page is what explorer.py writes and opens from disk without an error, the same checkpoint gives
-the same bytes, and a model the page cannot draw is refused in one line. Where Chromium or its driver is missing,
-the browser tests skip, saying what to install (CI installs both)."""
+"""The explorer (explorer.py, docs/explorer.js) in headless Chromium, driven by selenium: the page's numbers are
+model.py's and scoring.py's within its weights' precision, its pointer, pen and buttons work, the committed page
+is what explorer.py writes, and opens from disk without an error, the same checkpoint gives the same bytes, a
+model the page cannot draw is refused in one line. Without Chromium and its driver the browser tests skip."""
 
 import json
 import math
@@ -24,8 +23,7 @@ from data import load_test_set
 from model import N_CLASSES, std_normal_log_prob
 from scoring import exact_elbo
 
-ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "docs" / "explorer.html"
+COMMITTED = explorer.DOCS / "explorer.html"
 # The tolerances of docs/explorer.md. The page's weights are int16 multiples of a scale per row (an error of at most
 # 1/65534 of the row's largest weight), its heads' weights and all biases float32, and it computes in float64: on
 # the default model that moves E[x|z] by at most 6.5e-4, mu and logvar by 3e-4, the ELBO by 0.03 nats and log p(x)
@@ -34,7 +32,6 @@ PROBABILITY_TOL = 1e-3
 CODE_TOL = 2e-3  # mu and logvar
 NATS_TOL = 0.05  # the ELBO and log p(x); their difference, the gap, within twice this
 SHOWN = 0.005  # the page shows nats to two decimals
-INSTALL = "the browser tests need Chromium and its driver: apt-get install chromium chromium-driver"
 
 RUNS = {  # tiny runs (conftest.TINY and these flags), epochs; the first and last are shared with other modules
     "plain": (("--latent-dim", "2", "--batch-size", "64", "--limit", "2048"), 3),  # test_exact's
@@ -43,6 +40,7 @@ RUNS = {  # tiny runs (conftest.TINY and these flags), epochs; the first and las
 }
 CONV = ("--arch", "conv", "--hidden-dims", "32", "--latent-dim", "4", "--limit", "512", "--batch-size", "128")
 POSTERIOR = "const done = arguments[1]; explorer.posterior(arguments[0]).then(done)"
+DECODED = "return document.getElementById('decoded').toDataURL()"  # the image of E[x|z] the page shows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def browser():
     chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip(INSTALL)
+        pytest.skip("the browser tests need Chromium and its driver: apt-get install chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
@@ -88,12 +86,11 @@ def open_page(browser, path):
 
 
 @torch.inference_mode()
-def grid_log_px(model, x, z1, z2, y=None):
+def grid_log_px(model, x, z1, z2):
     """log p(x) by the trapezoid rule on the grid z1 x z2 the page used, with model.py's log p(x|z) + log p(z)."""
     z1, z2 = torch.tensor(z1, dtype=torch.float64), torch.tensor(z2, dtype=torch.float64)
     z = torch.stack(torch.meshgrid(z1, z2, indexing="ij"), -1).reshape(-1, 2)
-    y = None if y is None else torch.tensor([y])
-    log_joint = model.log_px_z(x.reshape(1, 1, 28, 28), z[:, None].float(), y)[:, 0].double() + std_normal_log_prob(z)
+    log_joint = model.log_px_z(x.reshape(1, 1, 28, 28), z[:, None].float())[:, 0].double() + std_normal_log_prob(z)
     w1, w2 = (torch.full_like(a, ((a[-1] - a[0]) / (len(a) - 1)).item()) for a in (z1, z2))
     w1[[0, -1]] /= 2
     w2[[0, -1]] /= 2
@@ -109,8 +106,12 @@ def number(browser, element_id):
 
 
 @pytest.mark.parametrize("name", ["plain", "cb-tanh"])
-def test_the_page_computes_what_pytorch_does(browser, made, name):
+def test_the_page_computes_what_pytorch_does(browser, made, tiny_run, tmp_path, name):
     path, model, x, _ = made(name)
+    flags, epochs = RUNS[name]
+    explorer.main(["--checkpoint", str(tiny_run(*flags, epochs=epochs) / "ckpt.pt"), "--out", str(tmp_path / "p.html")])
+    assert (tmp_path / "p.html").read_bytes() == path.read_bytes()  # the same checkpoint, the same page
+    assert (tmp_path / explorer.SCRIPT.name).read_bytes() == explorer.SCRIPT.read_bytes()  # written beside it
     assert open_page(browser, path) == []
     z = 3 * torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
     probabilities = browser.execute_script("return arguments[0].map((z) => explorer.decode(z))", z.tolist())
@@ -142,14 +143,13 @@ def ink(browser, canvas_id, colour):
 def test_the_pointer_the_pen_and_the_posterior_button(browser, made):
     path, model, _, _ = made("plain")
     open_page(browser, path)
-    shown = "return document.getElementById('decoded').toDataURL()"
-    plane, before, images = browser.find_element(By.ID, "plane"), browser.execute_script(shown), []
+    plane, images = browser.find_element(By.ID, "plane"), [browser.execute_script(DECODED)]
     for dx, dy in [(-100, 60), (120, -80)]:
         ActionChains(browser).move_to_element_with_offset(plane, dx, dy).perform()
-        images.append(browser.execute_script(shown))
+        images.append(browser.execute_script(DECODED))
         z1, z2, log_pz = map(float, re.findall(r"-?\d+\.\d+", browser.find_element(By.ID, "pointer").text))
         assert log_pz == pytest.approx(-0.5 * (z1**2 + z2**2) - math.log(2 * math.pi), abs=0.02)  # shown rounded
-    assert len({before, *images}) == 3  # each move draws another E[x|z]
+    assert len(set(images)) == 3  # each move draws another E[x|z]
 
     assert ink(browser, "zoom", "r < 30 && g < 30 && b < 30") == 0  # no q yet: nothing drawn in black
     draw = browser.find_element(By.ID, "draw")
@@ -177,19 +177,16 @@ def test_the_pointer_the_pen_and_the_posterior_button(browser, made):
 def test_a_conditional_page_decodes_the_chosen_digit_and_classifies_a_drawing(browser, made):
     path, model, x, labels = made("conditional")
     assert open_page(browser, path) == []
-    z = torch.tensor([[0.5, -1.0]])
+    z, plane, drawn = torch.tensor([[0.5, -1.0]]), browser.find_element(By.ID, "plane"), []
     for y in (3, 7):
         probabilities = browser.execute_script("return explorer.decode(arguments[0], arguments[1])", z[0].tolist(), y)
         with torch.inference_mode():
             expected = model.mean(model.decode(z, torch.tensor([y]))).flatten()
         assert (torch.tensor(probabilities) - expected).abs().max() < PROBABILITY_TOL
-    # the selector: the same point of the plane, decoded with another label, is another image
-    plane, shown = browser.find_element(By.ID, "plane"), "return document.getElementById('decoded').toDataURL()"
-    drawn = []
-    for y in (3, 7):
+        # the selector: the same point of the plane, decoded with another label, is another image
         browser.find_elements(By.CSS_SELECTOR, ".legend button")[y].click()
         ActionChains(browser).move_to_element_with_offset(plane, 30, 30).perform()
-        drawn.append(browser.execute_script(shown))
+        drawn.append(browser.execute_script(DECODED))
     assert drawn[0] != drawn[1] and "y = 7" in browser.find_element(By.ID, "decoded-title").text
     # p(y|x) from the ELBO under each label, as the page says; and its ten bars once a test image is loaded
     p = browser.execute_async_script("explorer.classify(arguments[0]).then(arguments[1])", x[0].flatten().tolist())
@@ -213,16 +210,6 @@ def test_the_committed_page_is_what_explorer_py_writes_and_opens_from_disk(brows
     assert len(html.encode()) + explorer.SCRIPT.stat().st_size < 3_000_000
     assert open_page(browser, COMMITTED) == []
     assert len(browser.execute_script("return explorer.decode([0, 0])")) == 784
-
-
-def test_the_same_checkpoint_gives_the_same_page(made, tiny_run, tmp_path):
-    path = made("plain")[0]
-    flags, epochs = RUNS["plain"]
-    explorer.main(
-        ["--checkpoint", str(tiny_run(*flags, epochs=epochs) / "ckpt.pt"), "--out", str(tmp_path / "again.html")]
-    )
-    assert (tmp_path / "again.html").read_bytes() == path.read_bytes()
-    assert (tmp_path / explorer.SCRIPT.name).read_bytes() == explorer.SCRIPT.read_bytes()  # written beside the page
 
 
 @pytest.mark.parametrize("flags, says", [(("--latent-dim", "3"), "a 3-D latent"), (CONV, "convolutional")])
