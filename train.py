@@ -313,10 +313,8 @@ def resume_run(out_dir, device, settings=None):
                 f"{path} holds a model's weights only, no optimizer or random-number state; evaluate or draw it, "
                 "or train a new run"
             )
-        try:  # what the run is stays as it was; where the data is and how long to run may change
-            config = TrainConfig(**{**state["train_config"], "out_dir": str(out_dir), **(settings or {})})
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path} was written by another version of this code ({e})") from e
+        # What the run is stays as it was; where the data is and how long to run may change.
+        config = saved_config(state, path, **{"out_dir": str(out_dir), **(settings or {})})
         optimizer = make_optimizer(model, config)
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -384,16 +382,19 @@ def set_rng_state(state, device):
         getattr(torch, device.type).set_rng_state(state[device.type])
 
 
+def saved_config(state, path, **changes):
+    """The checkpoint's TrainConfig, with `changes`."""
+    try:
+        return TrainConfig(**{**state["train_config"], **changes})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} was written by another version of this code ({e})") from e
+
+
 def export(ckpt_path, path):
     """Write the model of the checkpoint at ckpt_path to `path` with its configs and epoch only: no optimizer or
     random-number state, and the folders set to their defaults (data, out), which a reader's clone has."""
     state, _ = load_checkpoint(ckpt_path)
-    try:
-        config = TrainConfig(
-            **{**state["train_config"], "data_dir": TrainConfig.data_dir, "out_dir": TrainConfig.out_dir}
-        )
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_path} was written by another version of this code ({e})") from e
+    config = saved_config(state, ckpt_path, data_dir=TrainConfig.data_dir, out_dir=TrainConfig.out_dir)
     shipped = {**state, "train_config": asdict(config)}
     save_checkpoint(path, {key: shipped[key] for key in CHECKPOINT_KEYS})
     print(f"wrote {path}: epoch {state['epoch']} of {ckpt_path}, weights and configs only")
