@@ -1,9 +1,6 @@
-"""The command line of every script: flags made from the config fields, the device, and how a script ends.
-
-The library modules raise typed errors (CheckpointError, DataError) and the system its OSErrors; `script`,
-around each script's main, turns them into one `error:` line and exit status 1, and Ctrl-C into one line and
-exit status 130. Bad flags are usage errors (argparse's message and exit status 2).
-"""
+"""The command line of every script: flags made from the config fields, the device, and how a script ends: a
+bad flag is argparse's usage error (status 2); CheckpointError, DataError and OSError, one `error:` line (status
+1); Ctrl-C, one line (status 130)."""
 
 import argparse
 import functools
@@ -55,19 +52,18 @@ def script(main):
 # --------------------------------------------------------------------------------------------- flags
 
 
-def positive_int(text):
-    return int_at_least(text, 1, "a positive integer")
+def int_at_least(least, what):
+    """A flag's parser: its integer, if it is one and at least `least`; a usage error saying `what` otherwise."""
+
+    def parse(text):
+        if not text.lstrip("-").isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
-def non_negative_int(text):
-    return int_at_least(text, 0, "a non-negative integer")
-
-
-def int_at_least(text, least, what):
-    """The flag's integer, if it is one and at least `least`; a usage error that says what it must be otherwise."""
-    if not text.lstrip("-").isdigit() or int(text) < least:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return int(text)
+positive_int, non_negative_int = int_at_least(1, "a positive integer"), int_at_least(0, "a non-negative integer")
 
 
 def int_list(text):
