@@ -31,13 +31,20 @@ def build_parser():
         prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_model_args(p)
-    p.add_argument("--k", type=cli.positive_int, default=5000, help="importance samples per image (default: 5000)")
+    p.add_argument(
+        "--k", type=cli.positive_int, default=5000, help="importance samples per image (default: %(default)s)"
+    )
     p.add_argument("--classifier-k", type=cli.positive_int, help="a conditional model's k per label (default: --k)")
     p.add_argument("--limit", type=cli.positive_int, help="only the first N test images (default: all)")
     p.add_argument(
-        "--batch-size", type=cli.positive_int, default=scoring.BATCH_SIZE, help="images per batch (default: 500)"
+        "--batch-size",
+        type=cli.positive_int,
+        default=scoring.BATCH_SIZE,
+        help="images per batch (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=IMPORTANCE_SEED, help="the importance samples' seed (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=IMPORTANCE_SEED, help="the importance samples' seed (default: %(default)s)"
+    )
     p.add_argument(
         "--exact-images",
         type=cli.non_negative_int,

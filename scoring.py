@@ -179,9 +179,8 @@ class PosteriorGrid:
     def kl_from(self, mu, logvar):
         """KL(q || p(z|x)) on the grid for q = N(mu, diag(exp(logvar))), mu and logvar (2,): the gap between the
         ELBO and log p(x) (Kingma & Welling 2014, eq. (1))."""
-        log_q = diag_normal_log_prob(grid_points(self.z1, self.z2), mu.double(), logvar.double()).reshape(
-            self.log_joint.shape
-        )
+        z = grid_points(self.z1, self.z2)  # (n1 * n2, 2), in the order of log_joint.flatten()
+        log_q = diag_normal_log_prob(z, mu.double(), logvar.double()).reshape(self.log_joint.shape)
         q = torch.exp(log_q + self.log_weights())  # q's mass at each point
         return (q * (log_q - self.log_posterior)).sum().item()
 

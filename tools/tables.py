@@ -264,11 +264,11 @@ def variance():
         r = load(f"gradient-variance-{objective}")
         ks = sorted(r["trained"]["pathwise"], key=int)
         for which in ("trained", "initial"):
-            cells = r[which]
-            ratio = [f"{cells['score'][k]['variance'] / cells['pathwise'][k]['variance']:.3g}" for k in ks]
+            v = r[which]  # {estimator: {k: noise summary}}
+            ratio = [f"{v['score'][k]['variance'] / v['pathwise'][k]['variance']:.3g}" for k in ks]
             rows.append([objective.upper(), which, "variance, score / pathwise", *ratio])
             for estimator in ("pathwise", "score"):
-                rows.append(["", "", f"SNR, {estimator}", *[f"{cells[estimator][k]['snr']:.3f}" for k in ks]])
+                rows.append(["", "", f"SNR, {estimator}", *[f"{v[estimator][k]['snr']:.3f}" for k in ks]])
     return ["objective", "model", "", *[f"k = {k}" for k in ks]], rows
 
 
